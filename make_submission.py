@@ -1,0 +1,121 @@
+"""Build the zip the handout asks for: each part's code and its executed notebook.
+
+    python make_submission.py                 # both parts -> A3_submission.zip
+    python make_submission.py --parts A       # Part A only
+    python make_submission.py --output ~/A3.zip
+
+Files are chosen from a whitelist (the patterns in PART_FILES, matched only at the
+top of each part's folder), so data, results, checkpoints, caches, wandb runs and
+credentials can never slip in. A notebook that was never run, or that holds an
+error output, is packed anyway but reported on stderr, because the graders read
+the outputs.
+"""
+import argparse
+import sys
+import zipfile
+from pathlib import Path
+
+import nbformat
+
+REPO_ROOT = Path(__file__).resolve().parent
+PART_FOLDERS = {"A": "A3_PartA", "B": "A3_PartB"}
+PART_FILES = {
+    "A": ("vae.py", "a3_helper.py", "variational_autoencoders.ipynb"),
+    "B": ("*.py", "run_diffusion.ipynb", "requirements.txt"),
+}
+
+
+def files_of_part(root, part):
+    """The files to submit for one part, sorted; each pattern must match at least once.
+
+    Raises FileNotFoundError naming the missing file and the folder searched.
+    """
+    folder = Path(root) / PART_FOLDERS[part]
+    selected = set()
+    for pattern in PART_FILES[part]:
+        matches = [path for path in folder.glob(pattern) if path.is_file()]
+        if not matches:
+            raise FileNotFoundError(
+                f"Part {part}: no file matching '{pattern}' in {folder}. "
+                "Put the part's finished files there, or choose the parts you have with --parts."
+            )
+        selected.update(matches)
+    return sorted(selected)
+
+
+def notebook_problems(path):
+    """Why a notebook's outputs would not satisfy a grader: a list of sentences, empty if none."""
+    notebook = nbformat.read(path, as_version=4)
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    problems = []
+    if not any(cell.get("execution_count") for cell in code_cells):
+        problems.append("it has not been run (no code cell has been executed)")
+    errors = [output for cell in code_cells for output in cell.get("outputs", [])
+              if output.get("output_type") == "error"]
+    if errors:
+        problems.append(f"it holds {len(errors)} error output(s), the first: "
+                        f"{errors[0].get('ename', 'Error')}: {errors[0].get('evalue', '')}")
+    return problems
+
+
+def warn_about_notebooks(files, root):
+    """Print a clear warning on stderr for every notebook with problems; return how many."""
+    warned = 0
+    for path in files:
+        if path.suffix != ".ipynb":
+            continue
+        for problem in notebook_problems(path):
+            print(f"WARNING: {path.relative_to(root)}: {problem}. Run it top to bottom, "
+                  "save it, then build the zip again.", file=sys.stderr)
+            warned += 1
+    return warned
+
+
+def write_zip(files, root, output):
+    """Write `files` into the zip `output`, each under its path relative to `root`."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(output, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for path in files:
+            archive.write(path, arcname=path.relative_to(root).as_posix())
+    return output
+
+
+def report_packed(files, root, output):
+    """Print each packed file with its size, then the zip's own size."""
+    for path in files:
+        print(f"  {path.relative_to(root).as_posix():<45} {path.stat().st_size / 1024:8.1f} KiB")
+    print(f"Wrote {output} ({output.stat().st_size / 1024:.1f} KiB, {len(files)} files)")
+
+
+def build_submission(root, parts, output):
+    """Collect, check, zip and report the chosen parts; return the zip's path."""
+    root = Path(root).resolve()
+    files = [path for part in dict.fromkeys(parts) for path in files_of_part(root, part)]
+    warn_about_notebooks(files, root)
+    output = write_zip(files, root, output)
+    report_packed(files, root, output)
+    return output
+
+
+def parse_args(argv=None):
+    """Command-line options: which parts to pack and where the zip goes."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", choices=sorted(PART_FOLDERS), default=["A", "B"],
+                        help="parts to pack (default: both)")
+    parser.add_argument("--output", type=Path, default=REPO_ROOT / "A3_submission.zip",
+                        help="path of the zip to write (default: A3_submission.zip here)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Entry point: build the zip, printing a bad-input message without a traceback."""
+    args = parse_args(argv)
+    try:
+        build_submission(REPO_ROOT, args.parts, args.output)
+    except FileNotFoundError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The submission command: what goes into the zip, what never does, and what it warns about.
+
+The command is run as a user runs it: a copy of the script, placed at the root of a fake
+repository in tmp_path that holds the real file names plus decoys that must stay out.
+"""
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import nbformat
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "make_submission.py"
+
+PART_A_FILES = {"A3_PartA/vae.py", "A3_PartA/a3_helper.py",
+                "A3_PartA/variational_autoencoders.ipynb"}
+PART_B_FILES = {f"A3_PartB/{name}" for name in (
+    "diffusion.py", "main.py", "trainer.py", "unet.py", "utils.py",
+    "run_diffusion.ipynb", "requirements.txt")}
+DECOYS = (
+    "A3_PartA/MNIST_data/MNIST/raw/train-images-idx3-ubyte",
+    "A3_PartA/wandb/run-1/files/config.py",
+    "A3_PartB/data/train/cat/flickr_cat_000001.png",
+    "A3_PartB/data/afhq_v2.zip",
+    "A3_PartB/results/model.pt",
+    "A3_PartB/results/sample-1.png",
+    "A3_PartB/model.pt",
+    "A3_PartB/wandb/latest-run/files/code/main.py",
+    "A3_PartB/results/checkpoint_copy.py",
+    "A3_PartB/__pycache__/utils.cpython-311.pyc",
+    "A3_PartB/.ipynb_checkpoints/run_diffusion-checkpoint.ipynb",
+    "A3_PartB/.netrc",
+    "A3_PartB/.env",
+    "A3_PartB/wandb.key",
+)
+
+
+def executed_notebook(error=False):
+    """A one-cell notebook that has been run; with `error`, its cell ended in an exception."""
+    cell = nbformat.v4.new_code_cell("print('hello')", execution_count=1)
+    if error:
+        cell.outputs = [nbformat.v4.new_output("error", ename="ValueError",
+                                               evalue="bad data_path", traceback=[])]
+    else:
+        cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="hello\n")]
+    return nbformat.v4.new_notebook(cells=[cell])
+
+
+def unexecuted_notebook():
+    """A notebook straight from the repository: code cells without outputs or counts."""
+    return nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print('hello')")])
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A fake repository with the script: every file to submit (notebooks executed) and all DECOYS."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    shutil.copy(SCRIPT, root)
+    for name in sorted(PART_A_FILES | PART_B_FILES | set(DECOYS)):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".ipynb":
+            nbformat.write(executed_notebook(), path)
+        else:
+            path.write_text(f"# {name}\n")
+    return root
+
+
+def run_submission(root, *options):
+    """Run the copy of make_submission.py in `root`; return the finished process."""
+    return subprocess.run([sys.executable, str(root / SCRIPT.name), *options],
+                          capture_output=True, text=True, check=False)
+
+
+def zipped_names(path):
+    """The member names of the zip at `path`."""
+    with zipfile.ZipFile(path) as archive:
+        return set(archive.namelist())
+
+
+def test_zip_holds_exactly_both_parts_code_and_notebooks(repo, tmp_path):
+    output = tmp_path / "A3_submission.zip"
+    result = run_submission(repo, "--output", str(output))
+    assert result.returncode == 0, result.stderr
+    assert zipped_names(output) == PART_A_FILES | PART_B_FILES
+
+
+def test_zip_never_holds_data_results_checkpoints_wandb_caches_or_credentials(repo, tmp_path):
+    output = tmp_path / "A3_submission.zip"
+    run_submission(repo, "--output", str(output))
+    assert not zipped_names(output) & set(DECOYS)
+
+
+def test_parts_option_packs_only_the_chosen_part(repo, tmp_path):
+    output = tmp_path / "part_a.zip"
+    run_submission(repo, "--parts", "A", "--output", str(output))
+    assert zipped_names(output) == PART_A_FILES
+
+
+def test_default_output_is_a3_submission_zip_in_the_repository(repo):
+    result = run_submission(repo)
+    assert result.returncode == 0, result.stderr
+    assert zipped_names(repo / "A3_submission.zip") == PART_A_FILES | PART_B_FILES
+
+
+def test_every_packed_file_is_printed_with_its_size(repo, tmp_path):
+    result = run_submission(repo, "--output", str(tmp_path / "out.zip"))
+    for name in PART_A_FILES | PART_B_FILES:
+        assert name in result.stdout
+    assert "KiB" in result.stdout
+
+
+def test_unexecuted_notebook_is_warned_about_on_stderr(repo, tmp_path):
+    nbformat.write(unexecuted_notebook(), repo / "A3_PartB/run_diffusion.ipynb")
+    result = run_submission(repo, "--output", str(tmp_path / "out.zip"))
+    assert "WARNING: A3_PartB/run_diffusion.ipynb" in result.stderr
+    assert "has not been run" in result.stderr
+
+
+def test_notebook_with_an_error_output_is_warned_about_on_stderr(repo, tmp_path):
+    nbformat.write(executed_notebook(error=True), repo / "A3_PartA/variational_autoencoders.ipynb")
+    result = run_submission(repo, "--output", str(tmp_path / "out.zip"))
+    assert "WARNING: A3_PartA/variational_autoencoders.ipynb" in result.stderr
+    assert "ValueError: bad data_path" in result.stderr
+
+
+def test_executed_notebooks_without_errors_give_no_warning(repo, tmp_path):
+    result = run_submission(repo, "--output", str(tmp_path / "out.zip"))
+    assert "WARNING" not in result.stderr
+
+
+def test_missing_required_file_fails_with_a_message_naming_it(repo, tmp_path):
+    (repo / "A3_PartA/vae.py").unlink()
+    result = run_submission(repo, "--output", str(tmp_path / "out.zip"))
+    assert result.returncode != 0
+    assert "vae.py" in result.stderr
+    assert "Traceback" not in result.stderr
