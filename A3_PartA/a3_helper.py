@@ -84,7 +84,7 @@ def show_images(images):
     columns = math.ceil(math.sqrt(images.shape[0]))
     grid = torchvision.utils.make_grid(images, nrow=columns, padding=2, pad_value=1.0)
     fig, ax = plt.subplots(figsize=(columns, columns))
-    ax.imshow(grid[0], cmap="gray", vmin=0.0, vmax=1.0)
+    ax.imshow(grid[0].numpy(), cmap="gray", vmin=0.0, vmax=1.0)
     ax.set_axis_off()
     fig.subplots_adjust(left=0, right=1, bottom=0, top=1)
     return fig
