@@ -6,8 +6,8 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
-import torchvision
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 from torchvision.transforms import ToTensor
 from tqdm import tqdm
@@ -15,6 +15,7 @@ from tqdm import tqdm
 from vae import loss_function
 
 LEARNING_RATE = 1e-3
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 MNIST_RAW_FILES = (
     "train-images-idx3-ubyte",
@@ -119,11 +120,15 @@ def initialize_weights(m):
 
 
 def one_hot(labels, class_size):
-    """One-hot float vectors (N, class_size) for integer class labels (N,) in [0, class_size)."""
+    """One-hot float vectors (N, class_size) for integer class labels (N,) in [0, class_size).
+
+    ``labels`` may be a tensor or a list of ints; the result is on the labels' device.
+    """
     if not isinstance(class_size, int) or class_size < 1:
         raise ValueError(f"class_size must be a positive integer, got {class_size!r}.")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor of class indices, got dtype {labels.dtype}.")
+    labels = torch.as_tensor(labels)
+    if labels.dtype not in INTEGER_DTYPES:
+        raise ValueError(f"labels must be integer class indices, got a tensor of dtype {labels.dtype}.")
     if labels.numel() and (labels.min() < 0 or labels.max() >= class_size):
         raise ValueError(
             f"labels must lie in [0, {class_size - 1}], got values from {labels.min().item()} "
@@ -147,8 +152,9 @@ def train_vae(epoch, model, train_loader, cond=False):
     """Train ``model`` for one epoch on ``train_loader``; print and return the mean loss per sample.
 
     The model moves to ``pick_device()``. Each step minimises ``loss_function``,
-    the negative ELBO, with the model's persistent optimizer (``vae_optimizer``).
-    With ``cond=True`` the model is a CVAE and also receives the one-hot labels.
+    the negative ELBO (eq. (4) of variational_autoencoders.ipynb), with the
+    model's persistent optimizer (``vae_optimizer``). With ``cond=True`` the
+    model is a CVAE and also receives the one-hot labels.
 
     Args:
         epoch: epoch number, used in the progress bar and the printed line.

@@ -3,12 +3,14 @@
 Both models are multilayer perceptrons over flattened 28x28 images. The encoder
 maps an image to the mean ``mu`` and log-variance ``logvar`` of a diagonal
 Gaussian posterior q(z|x); the decoder maps a latent code z back to one
-Bernoulli probability per pixel. Training maximises the evidence lower bound
+Bernoulli probability per pixel. Training maximises the evidence lower bound,
+eq. (1) of variational_autoencoders.ipynb,
 
     log p(x) >= E_{q(z|x)}[log p(x|z)] - KL(q(z|x) || N(0, I)),
 
 which ``loss_function`` implements (negated, averaged over the batch), using
-``reparametrize`` to draw z so that gradients reach the encoder.
+``reparametrize`` to draw z so that gradients reach the encoder. Equation
+numbers below refer to that notebook.
 """
 import math
 
@@ -108,7 +110,7 @@ class VAE(nn.Module):
 
 
 class CVAE(nn.Module):
-    """Conditional VAE: encoder q(z|x, c) and decoder p(x|z, c) both see the one-hot class c.
+    """Conditional VAE: encoder q(z|x, c) and decoder p(x|z, c) both see the one-hot class c (eq. (5)).
 
     Args:
         input_size: pixels per image (784 for MNIST).
@@ -151,9 +153,10 @@ class CVAE(nn.Module):
 def reparametrize(mu, logvar):
     """Draw z ~ N(mu, exp(logvar)) as a differentiable function of mu and logvar.
 
-    The reparametrization trick: z = mu + sigma * eps with sigma = exp(logvar / 2)
-    and eps ~ N(0, I) drawn once with ``torch.randn_like(mu)``, so the randomness
-    does not depend on the parameters and gradients flow to mu and logvar.
+    The reparametrization trick, eq. (2): z = mu + sigma * eps with
+    sigma = exp(logvar / 2) and eps ~ N(0, I) drawn once with
+    ``torch.randn_like(mu)``, so the randomness does not depend on the
+    parameters and gradients flow to mu and logvar.
     """
     sigma = torch.exp(0.5 * logvar)
     eps = torch.randn_like(mu)
@@ -161,10 +164,10 @@ def reparametrize(mu, logvar):
 
 
 def loss_function(x_hat, x, mu, logvar):
-    """Negative ELBO per sample: reconstruction BCE plus KL(q(z|x) || N(0, I)), averaged over the batch.
+    """Negative ELBO, eq. (4): reconstruction BCE plus KL(q(z|x) || N(0, I)), averaged over the batch.
 
     Reconstruction: -log p(x|z) = BCE(x_hat, x) summed over all pixels.
-    KL of a diagonal Gaussian from the standard normal, in closed form:
+    KL of a diagonal Gaussian from the standard normal, in closed form (eq. (3)):
         KL = -1/2 * sum(1 + logvar - mu^2 - exp(logvar)).
     Both sums run over the whole batch; the total is divided by the batch size N.
     """

@@ -137,6 +137,10 @@ def test_one_hot_marks_the_label_column_of_each_row():
     assert torch.equal(encoded.sum(dim=1), torch.ones(3))
 
 
+def test_one_hot_accepts_a_list_of_labels():
+    assert torch.equal(one_hot([1, 0], 2), torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+
+
 @pytest.mark.parametrize(
     "labels, message",
     [
