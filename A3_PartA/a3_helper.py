@@ -70,7 +70,7 @@ def load_mnist(data_dir, train=True):
             f"Could not download MNIST into {data_dir} ({error}). Download the four files "
             f"{', '.join(name + '.gz' for name in MNIST_RAW_FILES)} (for example from {MNIST_MIRROR}), "
             f"unzip them with gunzip and put {', '.join(MNIST_RAW_FILES)} in {raw_folder}, "
-            "then run this cell again."
+            "then load the data again."
         ) from error
 
 
