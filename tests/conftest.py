@@ -1,0 +1,12 @@
+"""Settings shared by every test.
+
+The tests use tiny networks, for which one CPU thread is much faster than several:
+thread hand-offs cost more than the arithmetic, and far more on a busy machine.
+"""
+
+import os
+
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the subprocesses tests start
+torch.set_num_threads(1)
