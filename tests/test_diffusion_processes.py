@@ -120,34 +120,43 @@ def test_p_sample_recovers_x0_when_the_predicted_noise_is_exact():
     torch.testing.assert_close(diffusion.p_sample(x_t, t, 0), x_0)
 
 
-def test_p_sample_mean_is_the_posterior_mean_of_eq7(monkeypatch):
+MIDDLE_STEP = 9
+
+
+def constant_noise(value):
+    """A replacement for ``noise_like`` that returns a constant."""
+    return lambda shape, device: torch.full(shape, float(value), device=device)
+
+
+@pytest.fixture
+def middle_step():
+    """An oracle diffusion, its x_0, and x_t at a step in the middle of the chain."""
     x_0 = images()
     diffusion = with_oracle(x_0)
-    step = 9
-    t = torch.full((2,), step)
-    x_t = diffusion.q_sample(x_0, t)
-    monkeypatch.setattr(diffusion, "noise_like", lambda shape, device: torch.zeros(shape, device=device))
-    alpha, abar = diffusion.alphas[step], diffusion.alphas_cumprod[step]
-    abar_prev = diffusion.alphas_cumprod[step - 1]
+    t = torch.full((2,), MIDDLE_STEP)
+    return diffusion, x_0, diffusion.q_sample(x_0, t), t
+
+
+def test_p_sample_mean_is_the_posterior_mean_of_eq7(monkeypatch, middle_step):
+    diffusion, x_0, x_t, t = middle_step
+    monkeypatch.setattr(diffusion, "noise_like", constant_noise(0))
+    alpha, abar = diffusion.alphas[MIDDLE_STEP], diffusion.alphas_cumprod[MIDDLE_STEP]
+    abar_prev = diffusion.alphas_cumprod[MIDDLE_STEP - 1]
     expected = (
         abar_prev.sqrt() * (1 - alpha) / (1 - abar) * x_0
         + alpha.sqrt() * (1 - abar_prev) / (1 - abar) * x_t
     )
-    torch.testing.assert_close(diffusion.p_sample(x_t, t, step), expected)
+    torch.testing.assert_close(diffusion.p_sample(x_t, t, MIDDLE_STEP), expected)
 
 
-def test_p_sample_adds_noise_scaled_by_the_posterior_std(monkeypatch):
-    x_0 = images()
-    diffusion = with_oracle(x_0)
-    step = 9
-    t = torch.full((2,), step)
-    x_t = diffusion.q_sample(x_0, t)
-    monkeypatch.setattr(diffusion, "noise_like", lambda shape, device: torch.zeros(shape, device=device))
-    mean = diffusion.p_sample(x_t, t, step)
-    monkeypatch.setattr(diffusion, "noise_like", lambda shape, device: torch.ones(shape, device=device))
-    shifted = diffusion.p_sample(x_t, t, step)
-    expected_std = diffusion.posterior_variance[step].sqrt()
-    torch.testing.assert_close(shifted - mean, torch.full_like(mean, expected_std.item()))
+def test_p_sample_adds_noise_scaled_by_the_posterior_std(monkeypatch, middle_step):
+    diffusion, _, x_t, t = middle_step
+    monkeypatch.setattr(diffusion, "noise_like", constant_noise(0))
+    mean = diffusion.p_sample(x_t, t, MIDDLE_STEP)
+    monkeypatch.setattr(diffusion, "noise_like", constant_noise(1))
+    shifted = diffusion.p_sample(x_t, t, MIDDLE_STEP)
+    expected_std = diffusion.posterior_variance[MIDDLE_STEP].sqrt().item()
+    torch.testing.assert_close(shifted - mean, torch.full_like(mean, expected_std))
 
 
 def test_p_sample_clamps_the_x0_estimate():
