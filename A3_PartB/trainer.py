@@ -1,0 +1,675 @@
+"""Training of the DDPM in diffusion.py: data, the loop of Algorithm 1, checkpoints, FID, figures.
+
+Data: the images of ``folder/{data_class}/*.{jpg,jpeg,png}`` are decoded and resized once, stacked
+into uint8 tensors, cached on disk (``results/cache``) and kept on the training device. Batches are
+drawn, cropped and flipped there, so no DataLoader worker decodes 512x512 PNGs while training.
+The augmentation is the starter's: resize to ``int(1.12 * image_size)``, random ``image_size``
+crop, random horizontal flip; pixels are normalised to [-1, 1] right before the model sees them.
+
+Outputs in ``results_folder``: ``model.pt`` (checkpoint), ``sample_step_<step>.png``,
+``loss.png``, ``fid.png`` (with FID on), ``metrics.csv``, ``forward_diffusion.png`` and
+``backward_diffusion.png`` (``visualize_diffusion``), ``cache/`` (decoded images, FID statistics).
+"""
+import csv
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import netrc
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from cleanfid import fid as clean_fid
+from cleanfid.features import build_feature_extractor
+from matplotlib.figure import Figure
+from PIL import Image
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+from diffusion import normalize_to_neg_one_to_one, unnormalize_to_zero_to_one
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+CROP_MARGIN = 1.12  # the starter resizes to 1.12 x image_size, then crops image_size at random
+WANDB_PROJECT = "DDPM_AFHQ"
+VISUALIZED_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.99)
+IMAGES_PER_PANEL = 16
+METRIC_FIELDS = ("step", "loss", "fid")
+DOWNLOAD_HINT = (
+    "Download AFHQ (a 6.5 GB zip) with\n"
+    "  mkdir -p ./data\n"
+    "  gdown 1-1npXlqCw1CYQ5SBbrlSgZdA9TEwZre4 -O ./data/afhq_v2.zip\n"
+    "  unzip -q ./data/afhq_v2.zip -d ./data\n"
+    "and pass the folder that holds cat/, dog/ and wild/ (./data/train)."
+)
+
+
+def atomic_write(path, write):
+    """Call ``write(binary_file)`` on a temporary file beside ``path``, then rename it onto ``path``.
+
+    A crash or Ctrl-C mid-write leaves the previous file intact instead of a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as file:
+            write(file)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class ImageSet:
+    """Decoded training images, uint8 tensors of shape (N, 3, S, S) on the CPU.
+
+    ``train`` is resized to ``int(1.12 * image_size)``, the source of the random crops;
+    ``reference`` is resized to ``image_size``: the real images FID compares samples with.
+    ``key`` identifies the source files and sizes (it names the cache files).
+    """
+
+    train: torch.Tensor
+    reference: torch.Tensor
+    key: str
+
+
+def find_class_root(folder):
+    """Return the folder that holds the class folders (cat/, dog/, wild/).
+
+    ``folder`` is that folder itself (``data/train``, ``data/afhq/train``) or, for convenience, a
+    dataset root that holds it: ``data`` with ``train/`` (AFHQ v2) or ``afhq/train/`` (AFHQ v1).
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Data folder {folder} does not exist. {DOWNLOAD_HINT}")
+    for class_root in (folder / "train", folder / "afhq" / "train"):
+        if class_root.is_dir():
+            return class_root.resolve()
+    return folder.resolve()
+
+
+def list_image_files(class_root, data_class):
+    """The sorted image files of one class folder, or of every class folder for None/"all"."""
+    if data_class in (None, "all"):
+        class_folders = sorted(path for path in class_root.iterdir() if path.is_dir())
+    else:
+        class_folders = [class_root / data_class]
+        if not class_folders[0].is_dir():
+            present = sorted(path.name for path in class_root.iterdir() if path.is_dir())
+            raise FileNotFoundError(
+                f"No folder {class_folders[0]} for data_class={data_class!r} (found {present}). "
+                f"{DOWNLOAD_HINT}")
+    files = sorted(path for class_folder in class_folders for path in class_folder.iterdir()
+                   if path.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(
+            f"No {'/'.join(IMAGE_SUFFIXES)} images in {[str(f) for f in class_folders]}. "
+            f"{DOWNLOAD_HINT}")
+    return files
+
+
+def image_set_key(files, image_size):
+    """A short hash of the file list (paths, sizes, modification times) and the image size."""
+    stats = [(str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files]
+    text = json.dumps([image_size, CROP_MARGIN, stats])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def decode_image(path, sizes):
+    """Decode one image as RGB (grayscale and RGBA are converted) resized to each square size."""
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+    return [np.asarray(rgb.resize((size, size), Image.Resampling.BICUBIC)) for size in sizes]
+
+
+def _decode_or_error(path, sizes):
+    try:
+        return decode_image(path, sizes)
+    except (OSError, SyntaxError, ValueError) as error:
+        return error
+
+
+def decode_images(files, image_size, workers):
+    """Decode every file once, on ``workers`` threads (PIL releases the GIL while decoding).
+
+    Unreadable files are skipped with a warning naming them; returns ``(train, reference)``.
+    """
+    sizes = (int(image_size * CROP_MARGIN), image_size)
+    decoded = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(_decode_or_error, files, [sizes] * len(files))
+        for path, result in zip(files, tqdm(results, total=len(files), desc="decoding images")):
+            if isinstance(result, Exception):
+                warnings.warn(f"Skipping unreadable image {path}: {result}", stacklevel=2)
+            else:
+                decoded.append(result)
+    if not decoded:
+        raise ValueError(f"None of the {len(files)} images in {files[0].parent} could be read.")
+    if len(decoded) < len(files):
+        print(f"Skipped {len(files) - len(decoded)} unreadable image(s) of {len(files)}.")
+    return [torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+            for images in zip(*decoded)]
+
+
+def load_image_set(folder, data_class, image_size, cache_folder, workers=1):
+    """Decode the class's images once and cache them in ``cache_folder``; later calls reuse them.
+
+    The cache file name holds a hash of the resolved file list with sizes and modification times,
+    so adding, removing or changing an image (or another class or size) decodes afresh.
+    """
+    files = list_image_files(find_class_root(folder), data_class)
+    key = image_set_key(files, image_size)
+    cache_file = Path(cache_folder) / f"images_{data_class or 'all'}_{image_size}px_{key}.pt"
+    if cache_file.is_file():
+        cached = torch.load(cache_file, weights_only=True)
+        return ImageSet(cached["train"], cached["reference"], key)
+    train, reference = decode_images(files, image_size, workers)
+    atomic_write(cache_file, lambda file: torch.save({"train": train, "reference": reference}, file))
+    return ImageSet(train, reference, key)
+
+
+class AugmentedBatches:
+    """Endless training batches drawn, cropped and flipped on the training device.
+
+    The uint8 images (N, 3, S', S'), S' = int(1.12 * image_size), live on the device (5,000 cats
+    at 35x35 are 18 MB). Each batch takes random images (in file order when ``shuffle`` is off)
+    and, in one gather, a random ``image_size`` crop of each, mirrored with probability 1/2: the
+    starter's RandomCrop and RandomHorizontalFlip per image, which torchvision's transforms do
+    not do per sample of a batch tensor.
+    """
+
+    def __init__(self, images, image_size, batch_size, shuffle, device):
+        if images.shape[-1] < image_size:
+            raise ValueError(f"Images of {images.shape[-1]} px cannot be cropped to {image_size}.")
+        self.images = images.to(device)
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.margin = images.shape[-1] - image_size
+        self.cursor = 0
+        self.offsets = torch.arange(image_size, device=device)
+        self.channels = torch.arange(images.shape[1], device=device).view(1, -1, 1, 1)
+
+    def _indices(self):
+        count = len(self.images)
+        if self.shuffle:
+            return torch.randint(count, (self.batch_size,), device=self.images.device)
+        indices = (self.cursor + torch.arange(self.batch_size, device=self.images.device)) % count
+        self.cursor = (self.cursor + self.batch_size) % count
+        return indices
+
+    def next_batch(self):
+        """A float batch (B, 3, image_size, image_size) in [0, 1]."""
+        indices = self._indices()
+        shape = (len(indices), 1)
+        top = torch.randint(self.margin + 1, shape, device=self.images.device)
+        left = torch.randint(self.margin + 1, shape, device=self.images.device)
+        mirrored = torch.rand(shape, device=self.images.device) < 0.5
+        rows = top + self.offsets
+        columns = left + torch.where(mirrored, self.offsets.flip(0), self.offsets)
+        crops = self.images[indices.view(-1, 1, 1, 1), self.channels,
+                            rows[:, None, :, None], columns[:, None, None, :]]
+        return crops.float() / 255
+
+    def first_batch(self):
+        """The first ``batch_size`` images in file order, centre-cropped, not flipped, in [0, 1]."""
+        start = self.margin // 2
+        window = slice(start, start + self.image_size)
+        return self.images[:self.batch_size, :, window, window].float() / 255
+
+
+# ---------------------------------------------------------------- FID
+
+
+class FidScorer:
+    """FID (clean-fid, mode "clean") of generated images against the training images of the class.
+
+    The reference statistics (mean and covariance of the features of ``reference_images``) are
+    computed once and stored in ``cache_file`` (npz), which later evaluations and trainers reuse.
+    Each evaluation writes its samples into an emptied ``samples_folder``, so nothing stale counts.
+    ``feature_extractor`` maps float images (B, 3, 299, 299) in [0, 255] to features (B, D); None
+    builds clean-fid's Inception (downloaded by clean-fid on first use).
+    """
+
+    def __init__(self, reference_images, cache_file, samples_folder, device, workers,
+                 feature_extractor=None):
+        self.reference_images = reference_images
+        self.cache_file = Path(cache_file)
+        self.samples_folder = Path(samples_folder)
+        self.device = device
+        self.workers = workers
+        self.feature_extractor = feature_extractor
+        self.reference = None
+
+    def _extractor(self):
+        if self.feature_extractor is None:
+            self.feature_extractor = build_feature_extractor(
+                "clean", self.device, use_dataparallel=False)
+        return self.feature_extractor
+
+    def _statistics(self, images, folder):
+        """Mean and covariance of the features of uint8 images, read back from PNGs in ``folder``."""
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for index, image in enumerate(images):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{index:05d}.png")
+        features = clean_fid.get_folder_features(
+            str(folder), self._extractor(), num_workers=self.workers, device=self.device,
+            mode="clean", verbose=False)
+        return features.mean(axis=0), np.cov(features, rowvar=False)
+
+    def reference_statistics(self):
+        """(mu, sigma) of the reference images: from memory, else the cache file, else computed."""
+        if self.reference is None and self.cache_file.is_file():
+            with np.load(self.cache_file) as cached:
+                self.reference = cached["mu"], cached["sigma"]
+        if self.reference is None:
+            with tempfile.TemporaryDirectory(dir=self.cache_file.parent) as folder:
+                mu, sigma = self._statistics(self.reference_images, Path(folder) / "reference")
+            atomic_write(self.cache_file, lambda file: np.savez(file, mu=mu, sigma=sigma))
+            self.reference = mu, sigma
+        return self.reference
+
+    def score(self, images):
+        """FID of uint8 images (N, 3, S, S) against the reference statistics."""
+        reference_mu, reference_sigma = self.reference_statistics()
+        mu, sigma = self._statistics(images.cpu(), self.samples_folder)
+        return float(clean_fid.frechet_distance(mu, sigma, reference_mu, reference_sigma))
+
+
+def fid_worker_count(requested):
+    """clean-fid's DataLoader workers: none unless processes fork (its resize closure does not
+    pickle under spawn, the default on Windows and macOS), and never more than the CPUs."""
+    if multiprocessing.get_start_method() != "fork":
+        return 0
+    return max(0, min(requested, os.cpu_count() or 1))
+
+
+def extractor_name(feature_extractor):
+    """The part of the FID cache name that tells feature extractors apart."""
+    if feature_extractor is None:
+        return "inception"
+    return getattr(feature_extractor, "__name__", type(feature_extractor).__name__)
+
+
+# ---------------------------------------------------------------- wandb
+
+
+def wandb_key_available():
+    """Whether wandb has an API key: WANDB_API_KEY or a ~/.netrc entry for api.wandb.ai."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def stdin_is_interactive():
+    try:
+        return sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class WandbLogger:
+    """A wandb run (project DDPM_AFHQ) that never blocks and never breaks training.
+
+    WANDB_MODE is respected. Without it, with no API key and no terminal to ask for one, the run
+    is offline (sync it later with ``wandb sync``). A missing or failing wandb only warns.
+    """
+
+    def __init__(self, config, folder):
+        self.wandb = None
+        self.run = None
+        try:
+            import wandb
+        except ImportError:
+            print("wandb is not installed: metrics go to metrics.csv and the PNG figures only.")
+            return
+        mode = None
+        if "WANDB_MODE" not in os.environ and not wandb_key_available() and not stdin_is_interactive():
+            mode = "offline"
+            print("wandb: no API key (WANDB_API_KEY or `wandb login`) and no terminal to ask for "
+                  "one, so logging offline; set WANDB_MODE=disabled to turn wandb off.")
+        try:
+            self.run = wandb.init(project=WANDB_PROJECT, config=config, mode=mode,
+                                  dir=os.environ.get("WANDB_DIR", str(folder)))
+            self.wandb = wandb
+        except Exception as error:  # noqa: BLE001 - logging is optional, training must go on
+            warnings.warn(f"wandb did not start ({error}); continuing without it.", stacklevel=2)
+
+    def log(self, step, metrics, images=None):
+        """One wandb.log call for this step: the metrics and the images (name -> PNG path)."""
+        if self.run is None:
+            return
+        pictures = {name: self.wandb.Image(str(path)) for name, path in (images or {}).items()}
+        self.run.log({**metrics, **pictures}, step=step)
+
+    def finish(self):
+        if self.run is not None:
+            self.run.finish()
+
+
+# ---------------------------------------------------------------- figures
+
+
+def plot_curve(steps, values, label, path):
+    """Save a line plot of ``values`` against training steps as a PNG."""
+    figure = Figure(figsize=(6, 4))
+    axes = figure.subplots()
+    axes.plot(steps, values, marker="o" if len(steps) <= 30 else None)
+    axes.set_xlabel("training step")
+    axes.set_ylabel(label)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=100))
+
+
+def plot_process(frames, titles, path):
+    """Save one panel per frame (a grid of the batch's images in [0, 1]) side by side."""
+    figure = Figure(figsize=(3 * len(frames), 3.4))
+    for axes, frame, title in zip(figure.subplots(1, len(frames)), frames, titles):
+        grid = make_grid(frame[:IMAGES_PER_PANEL].float().cpu(), nrow=4, padding=1)
+        axes.imshow(grid.permute(1, 2, 0).numpy())
+        axes.set_title(title)
+        axes.axis("off")
+    figure.tight_layout()
+    atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=100))
+
+
+def show_in_notebook(path):
+    """Display a PNG inline when running under IPython (a notebook); do nothing elsewhere."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image as NotebookImage, display
+    except ImportError:
+        return
+    if get_ipython() is not None:
+        display(NotebookImage(filename=str(path)))
+
+
+# ---------------------------------------------------------------- trainer
+
+
+def default_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_dtype(device):
+    """bf16 on GPUs that run it natively, fp16 (with a GradScaler) on older ones, none on CPU."""
+    if device.type != "cuda":
+        return None
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    return torch.float16
+
+
+def model_settings(diffusion_model):
+    """The settings a checkpoint must share with the model it is loaded into."""
+    unet = diffusion_model.model
+    return {"image_size": diffusion_model.image_size, "channels": diffusion_model.channels,
+            "timesteps": diffusion_model.num_timesteps, "unet_dim": unet.dim,
+            "unet_dim_mults": list(unet.dim_mults)}
+
+
+def check_settings(saved, current, path):
+    """Raise ValueError naming every setting where the checkpoint differs from the model."""
+    mismatched = [f"{key}: checkpoint {saved.get(key)!r}, model {value!r}"
+                  for key, value in current.items() if saved.get(key) != value]
+    if mismatched:
+        raise ValueError(f"Checkpoint {path} does not match the model ({'; '.join(mismatched)}). "
+                         "Build the model with the checkpoint's settings or train a new one.")
+
+
+def require_positive(**values):
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}.")
+
+
+class Trainer:
+    """Trains a Diffusion model (Algorithm 1) on the images of ``folder`` and evaluates it.
+
+    Every ``save_and_sample_every`` steps and at the end: the checkpoint ``model.pt``, a sample
+    grid, ``loss.png`` and ``metrics.csv`` (plus ``fid.png`` with ``fid=True``). The loss is
+    averaged on the device and read every ``log_every`` steps (the bar, wandb and the CSV).
+
+    Beyond the starter's arguments: ``dataset`` an ``ImageSet`` to use instead of reading
+    ``folder``; ``fid_feature_extractor`` replaces clean-fid's Inception (see ``FidScorer``);
+    ``num_fid_samples`` (512, the course protocol); ``num_samples`` in the sample grid;
+    ``channels_last`` and ``compile_model`` (``torch.compile``) speed options.
+    ``dataloader_workers`` caps the decoding threads and clean-fid's workers at the CPU count.
+    """
+
+    def __init__(self, diffusion_model, folder, *, image_size=32, train_batch_size=32,
+                 train_lr=1e-3, train_num_steps=10000, gradient_accumulate_every=2,
+                 save_and_sample_every=1000, results_folder="./results", load_path=None,
+                 dataset=None, shuffle=True, data_class=None, device=None, fid=False,
+                 dataloader_workers=16, fid_feature_extractor=None, num_fid_samples=512,
+                 num_samples=25, log_every=10, channels_last=False, compile_model=False):
+        require_positive(train_batch_size=train_batch_size, save_and_sample_every=save_and_sample_every,
+                         gradient_accumulate_every=gradient_accumulate_every, log_every=log_every,
+                         num_samples=num_samples, num_fid_samples=num_fid_samples)
+        if image_size != diffusion_model.image_size:
+            raise ValueError(f"image_size={image_size} but the model makes "
+                             f"{diffusion_model.image_size}px images; pass the same size to both.")
+        self.device = torch.device(device) if device is not None else default_device()
+        self.diffusion = diffusion_model.to(self.device)
+        self.settings = model_settings(diffusion_model)
+        self.train_num_steps = train_num_steps
+        self.gradient_accumulate_every = gradient_accumulate_every
+        self.save_and_sample_every = save_and_sample_every
+        self.log_every = log_every
+        self.num_samples = num_samples
+        self.num_fid_samples = num_fid_samples
+        self.results_folder = Path(results_folder)
+        self.results_folder.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_path = self.results_folder / "model.pt"
+        self.config = {**self.settings, "data_class": data_class, "batch_size": train_batch_size,
+                       "learning_rate": train_lr, "train_num_steps": train_num_steps, "fid": fid}
+
+        cache_folder = self.results_folder / "cache"
+        decode_threads = max(1, min(dataloader_workers, os.cpu_count() or 1))
+        self.images = dataset if dataset is not None else load_image_set(
+            folder, data_class, image_size, cache_folder, decode_threads)
+        self.batches = AugmentedBatches(self.images.train, image_size, train_batch_size,
+                                        shuffle, self.device)
+        self.fid_scorer = None
+        if fid:
+            cache_file = cache_folder / (f"fid_{extractor_name(fid_feature_extractor)}_"
+                                         f"{data_class or 'all'}_{image_size}px_{self.images.key}.npz")
+            self.fid_scorer = FidScorer(self.images.reference, cache_file,
+                                        self.results_folder / "fid_samples", self.device,
+                                        fid_worker_count(dataloader_workers), fid_feature_extractor)
+
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.diffusion.to(memory_format=self.memory_format)
+        self.loss_function = torch.compile(self.diffusion) if compile_model else self.diffusion
+        self.optimizer = torch.optim.Adam(self.diffusion.parameters(), lr=train_lr)
+        self.amp_dtype = autocast_dtype(self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=self.amp_dtype == torch.float16)
+        self.step = 0
+        self.history = []
+        if load_path is not None:
+            self.load(load_path)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save(self):
+        """Write model, optimizer, scaler, step, settings and metric history to model.pt."""
+        checkpoint = {"model": self.diffusion.state_dict(), "optimizer": self.optimizer.state_dict(),
+                      "scaler": self.scaler.state_dict(), "step": self.step,
+                      "settings": self.settings, "history": self.history}
+        atomic_write(self.checkpoint_path, lambda file: torch.save(checkpoint, file))
+
+    def load(self, path):
+        """Resume from a checkpoint of ``save``: weights, optimizer, scaler, step and history."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"No checkpoint at {path}: train first, or pass load_path=None.")
+        checkpoint = torch.load(path, map_location=self.device, weights_only=True)
+        check_settings(checkpoint["settings"], self.settings, path)
+        self.diffusion.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint["scaler"]:
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.step = checkpoint["step"]
+        self.history = checkpoint["history"]
+
+    # ------------------------------------------------------------ training
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype,
+                              enabled=self.amp_dtype is not None)
+
+    def _train_step(self):
+        """One optimizer step of Algorithm 1 over ``gradient_accumulate_every`` batches.
+
+        Returns the mean loss as a tensor on the device (reading it would stall the GPU).
+        """
+        total_loss = torch.zeros((), device=self.device)
+        for _ in range(self.gradient_accumulate_every):
+            x_0 = normalize_to_neg_one_to_one(self.batches.next_batch())
+            with self._autocast():
+                loss = self.loss_function(x_0.contiguous(memory_format=self.memory_format))
+            loss = loss / self.gradient_accumulate_every
+            self.scaler.scale(loss).backward()
+            total_loss += loss.detach()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total_loss
+
+    def train(self):
+        """Train from ``self.step`` up to ``train_num_steps``; Ctrl-C saves and returns."""
+        self.diffusion.train()
+        logger = WandbLogger(self.config, self.results_folder)
+        progress = tqdm(initial=self.step, total=self.train_num_steps, desc="training")
+        loss_sum, steps_summed = torch.zeros((), device=self.device), 0
+        try:
+            while self.step < self.train_num_steps:
+                loss_sum += self._train_step()
+                self.step += 1
+                steps_summed += 1
+                progress.update(1)
+                milestone = (self.step % self.save_and_sample_every == 0
+                             or self.step == self.train_num_steps)
+                if milestone or self.step % self.log_every == 0:
+                    self._log(loss_sum.item() / steps_summed, milestone, logger, progress)
+                    loss_sum.zero_()
+                    steps_summed = 0
+        except KeyboardInterrupt:
+            if math.isfinite(loss_sum.item()):
+                self.save()
+                print(f"\nInterrupted at step {self.step}; checkpoint saved to {self.checkpoint_path}.")
+        finally:
+            progress.close()
+            self._write_metrics()
+            logger.finish()
+
+    def _log(self, loss, milestone, logger, progress):
+        """Record the mean loss of the last steps; at a milestone also sample, score and save."""
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"The training loss became {loss} at step {self.step}, so training stopped. "
+                f"The last good checkpoint (if any) is {self.checkpoint_path}; "
+                "try a lower learning rate.")
+        progress.set_postfix(loss=f"{loss:.4f}")
+        row = {"step": self.step, "loss": loss, "fid": None}
+        images = {}
+        if milestone:
+            row["fid"], images = self._milestone()
+        self.history.append(row)
+        metrics = {key: value for key, value in row.items() if key != "step" and value is not None}
+        logger.log(self.step, metrics, images)
+        if milestone:
+            self.save()
+            self._write_metrics()
+            self._plot_metrics()
+
+    def _milestone(self):
+        """Sample a grid (and score FID); returns (fid or None, {wandb name: image path})."""
+        count = self.num_fid_samples if self.fid_scorer else self.num_samples
+        with self._autocast():
+            samples = self.diffusion.sample(count).float()
+        grid_path = self.results_folder / f"sample_step_{self.step}.png"
+        save_image(samples[:self.num_samples], grid_path,
+                   nrow=math.ceil(math.sqrt(self.num_samples)))
+        fid = None
+        if self.fid_scorer:
+            fid = self.fid_scorer.score((samples * 255).round().to(torch.uint8))
+            print(f"step {self.step}: FID {fid:.2f}")
+        return fid, {"samples": grid_path}
+
+    def _write_metrics(self):
+        """Rewrite metrics.csv from the history (this run and the checkpoint it resumed)."""
+        text = io.StringIO()
+        writer = csv.DictWriter(text, METRIC_FIELDS)
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write(self.results_folder / "metrics.csv", lambda file: file.write(text.getvalue().encode()))
+
+    def _plot_metrics(self):
+        plot_curve([row["step"] for row in self.history], [row["loss"] for row in self.history],
+                   "training loss (L1)", self.results_folder / "loss.png")
+        scored = [row for row in self.history if row["fid"] is not None]
+        if scored:
+            plot_curve([row["step"] for row in scored], [row["fid"] for row in scored],
+                       "FID (512 samples)", self.results_folder / "fid.png")
+
+    # ------------------------------------------------------------ visualisation
+
+    def _timesteps(self, t, batch_size):
+        return torch.full((batch_size,), t, device=self.device, dtype=torch.long)
+
+    @torch.no_grad()
+    def visualize_diffusion(self):
+        """Parts 3 and 4: the forward and backward processes of the first training batch.
+
+        Forward: x_t = q_sample(x_0, t) (eq. 2 with abar_t) at 0/25/50/75/99 % of T, one noise
+        draw for all frames. Backward: Algorithm 2 from the raw x_{T} of that forward process
+        (t = T-1 in code; not clamped or rescaled), frames after the same fractions of the T
+        reverse steps. Saves forward_diffusion.png and backward_diffusion.png, shows them in a
+        notebook, logs them to wandb; returns the two paths.
+        """
+        self.diffusion.eval()
+        x_0 = normalize_to_neg_one_to_one(self.batches.first_batch())
+        timesteps = self.diffusion.num_timesteps
+        noise = self.diffusion.noise_like(x_0.shape, x_0.device)
+        forward_steps = [min(int(fraction * timesteps), timesteps - 1)
+                         for fraction in VISUALIZED_FRACTIONS]
+        forward = [self.diffusion.q_sample(x_0, self._timesteps(t, len(x_0)), noise)
+                   for t in forward_steps]
+        x_T = self.diffusion.q_sample(x_0, self._timesteps(timesteps - 1, len(x_0)), noise)
+        with self._autocast():
+            backward = self.diffusion.p_sample_loop(x_T, return_all_timesteps=True).float()
+        reverse_steps = [int(fraction * timesteps) for fraction in VISUALIZED_FRACTIONS]
+        paths = {"forward_diffusion": self.results_folder / "forward_diffusion.png",
+                 "backward_diffusion": self.results_folder / "backward_diffusion.png"}
+        plot_process([unnormalize_to_zero_to_one(x).clamp(0, 1) for x in forward],
+                     [f"{f:.0%}: t = {t}" for f, t in zip(VISUALIZED_FRACTIONS, forward_steps)],
+                     paths["forward_diffusion"])
+        plot_process([backward[k] for k in reverse_steps],
+                     [f"{f:.0%}: {k} of {timesteps} steps"
+                      for f, k in zip(VISUALIZED_FRACTIONS, reverse_steps)],
+                     paths["backward_diffusion"])
+        for path in paths.values():
+            show_in_notebook(path)
+        logger = WandbLogger(self.config, self.results_folder)
+        logger.log(self.step, {}, paths)
+        logger.finish()
+        return paths["forward_diffusion"], paths["backward_diffusion"]

@@ -1,0 +1,29 @@
+"""A fake AFHQ folder for tests (imported by the trainer, main and notebook tests).
+
+``make_afhq_folder(root)`` writes ``root/train/{cat,dog,wild}/*.png`` (AFHQ v2, the course zip)
+or ``root/afhq/train/{cat,dog,wild}/*.jpg`` (v1, with an empty ``val/``) of smooth colour blobs
+that a diffusion model can learn quickly, plus ``corrupt`` unreadable files and ``grayscale``
+one-channel images in the first class, and returns the folder holding the class folders.
+"""
+import numpy as np
+from PIL import Image
+
+from utils import write_synthetic_afhq
+
+
+def make_afhq_folder(root, classes=("cat", "dog", "wild"), per_class=8, size=512, corrupt=1,
+                     grayscale=1, layout="v2"):
+    """Write the fake tree; the first class gets ``corrupt`` + ``grayscale`` extra files.
+
+    Readable images: ``per_class * len(classes) + grayscale``.
+    """
+    train_folder = write_synthetic_afhq(root, classes, per_class=per_class, size=size,
+                                        layout=layout)
+    first_class = train_folder / classes[0]
+    suffix = ".jpg" if layout == "v1" else ".png"
+    for index in range(corrupt):
+        (first_class / f"corrupt_{index}{suffix}").write_bytes(b"this is not an image")
+    for index in range(grayscale):
+        shade = np.linspace(0, 255, size * size).reshape(size, size).astype(np.uint8)
+        Image.fromarray(shade, mode="L").save(first_class / f"grayscale_{index}{suffix}")
+    return train_folder

@@ -1,0 +1,402 @@
+"""Trainer: data pipeline, training loop, checkpoints, figures, visualisation and wandb."""
+import csv
+import sys
+import types
+
+import pytest
+import torch
+
+import trainer as trainer_module
+from afhq_data import make_afhq_folder
+from diffusion import Diffusion
+from trainer import (AugmentedBatches, Trainer, WandbLogger, autocast_dtype, find_class_root,
+                     load_image_set)
+from unet import Unet
+from utils import write_synthetic_afhq
+
+PER_CLASS = 6
+IMAGE_SIZE = 16
+pytestmark = pytest.mark.filterwarnings("ignore:Skipping unreadable image:UserWarning")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models run faster on one thread, and far faster when other processes share the CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def quiet_wandb(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def afhq(tmp_path_factory):
+    """A v2 AFHQ tree: 6 blobs per class, plus one corrupt and one grayscale cat."""
+    return make_afhq_folder(tmp_path_factory.mktemp("afhq"), per_class=PER_CLASS)
+
+
+def tiny_diffusion(dim=8):
+    torch.manual_seed(0)
+    return Diffusion(Unet(dim, dim_mults=(1, 2)), image_size=IMAGE_SIZE, timesteps=10)
+
+
+def make_trainer(afhq, results, **options):
+    settings = dict(image_size=IMAGE_SIZE, train_batch_size=4, train_num_steps=3,
+                    gradient_accumulate_every=1, save_and_sample_every=2, results_folder=results,
+                    data_class="cat", device="cpu", dataloader_workers=0, num_samples=4,
+                    log_every=1)
+    settings.update(options)
+    return Trainer(tiny_diffusion(), afhq, **settings)
+
+
+def load_checkpoint(path):
+    return torch.load(path, weights_only=True)
+
+
+# ---------------------------------------------------------------- data
+
+
+@pytest.mark.parametrize("layout, given", [("v2", "."), ("v2", "train"), ("v1", "."),
+                                           ("v1", "afhq"), ("v1", "afhq/train")])
+def test_class_root_is_found_from_dataset_root_or_train_folder(tmp_path, layout, given):
+    train_folder = write_synthetic_afhq(tmp_path, classes=("cat",), per_class=1, size=8,
+                                        layout=layout)
+    assert find_class_root(tmp_path / given) == train_folder.resolve()
+
+
+def test_missing_folder_error_names_path_and_download_commands(tmp_path):
+    missing = tmp_path / "data" / "train"
+    with pytest.raises(FileNotFoundError) as error:
+        load_image_set(missing, "cat", IMAGE_SIZE, tmp_path / "cache")
+    assert str(missing) in str(error.value)
+    assert "gdown 1-1npXlqCw1CYQ5SBbrlSgZdA9TEwZre4 -O ./data/afhq_v2.zip" in str(error.value)
+    assert "unzip -q ./data/afhq_v2.zip -d ./data" in str(error.value)
+
+
+def test_class_folder_without_images_raises_clear_error(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("no images here")
+    with pytest.raises(FileNotFoundError, match="No .jpg/.jpeg/.png images"):
+        load_image_set(tmp_path, "cat", IMAGE_SIZE, tmp_path / "cache")
+
+
+def test_unknown_class_error_lists_the_classes_present(afhq, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data_class='horse'.*'cat', 'dog', 'wild'"):
+        load_image_set(afhq, "horse", IMAGE_SIZE, tmp_path)
+
+
+def test_corrupt_image_is_warned_by_name_and_skipped(afhq, tmp_path):
+    with pytest.warns(UserWarning, match="corrupt_0.png"):
+        images = load_image_set(afhq, "cat", IMAGE_SIZE, tmp_path)
+    assert len(images.train) == PER_CLASS + 1  # the blobs and the grayscale image
+
+
+def test_grayscale_image_is_converted_to_rgb(afhq, tmp_path):
+    images = load_image_set(afhq, "cat", IMAGE_SIZE, tmp_path)
+    grayscale = images.reference[-1]  # grayscale_0.png sorts last among the cats
+    assert grayscale.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+    assert torch.equal(grayscale[0], grayscale[1]) and torch.equal(grayscale[1], grayscale[2])
+
+
+def test_images_are_resized_for_cropping_and_for_fid(afhq, tmp_path):
+    images = load_image_set(afhq, "cat", 32, tmp_path)
+    assert images.train.dtype == torch.uint8
+    assert images.train.shape[1:] == (3, 35, 35)  # int(1.12 * 32), the starter's resize
+    assert images.reference.shape[1:] == (3, 32, 32)
+
+
+def test_all_classes_are_collected_for_data_class_all(afhq, tmp_path):
+    images = load_image_set(afhq, "all", IMAGE_SIZE, tmp_path)
+    assert len(images.train) == 3 * PER_CLASS + 1
+
+
+def test_v1_layout_with_jpg_files_loads(tmp_path):
+    write_synthetic_afhq(tmp_path / "data", classes=("cat", "dog"), per_class=3, size=40,
+                         layout="v1")
+    images = load_image_set(tmp_path / "data", "dog", IMAGE_SIZE, tmp_path / "cache")
+    assert len(images.train) == 3
+
+
+def count_decodes(monkeypatch):
+    calls = []
+    decode = trainer_module.decode_image
+
+    def counting_decode(path, sizes):
+        calls.append(path)
+        return decode(path, sizes)
+
+    monkeypatch.setattr(trainer_module, "decode_image", counting_decode)
+    return calls
+
+
+def test_images_are_decoded_once_then_read_from_the_cache(afhq, tmp_path, monkeypatch):
+    decodes = count_decodes(monkeypatch)
+    first = load_image_set(afhq, "dog", IMAGE_SIZE, tmp_path)
+    assert len(decodes) == PER_CLASS
+    second = load_image_set(afhq, "dog", IMAGE_SIZE, tmp_path)
+    assert len(decodes) == PER_CLASS
+    assert torch.equal(first.train, second.train) and first.key == second.key
+
+
+def test_cache_is_rebuilt_when_an_image_is_added(tmp_path, monkeypatch):
+    train = write_synthetic_afhq(tmp_path / "data", classes=("cat",), per_class=2, size=24)
+    load_image_set(train, "cat", IMAGE_SIZE, tmp_path / "cache")
+    write_synthetic_afhq(tmp_path / "data", classes=("cat",), per_class=3, size=24)
+    decodes = count_decodes(monkeypatch)
+    images = load_image_set(train, "cat", IMAGE_SIZE, tmp_path / "cache")
+    assert len(decodes) == 3 and len(images.train) == 3
+
+
+# ---------------------------------------------------------------- batches
+
+
+def test_batches_are_random_crops_of_the_stored_images():
+    torch.manual_seed(0)
+    shades = torch.arange(0, 250, 10, dtype=torch.uint8)  # image i is flat with value 10 i
+    images = shades.view(-1, 1, 1, 1).expand(-1, 3, 18, 18).clone()
+    batch = AugmentedBatches(images, IMAGE_SIZE, 8, True, "cpu").next_batch()
+    assert batch.shape == (8, 3, IMAGE_SIZE, IMAGE_SIZE) and batch.dtype == torch.float32
+    flat_values = batch.flatten(1)
+    assert torch.equal(flat_values.min(1).values, flat_values.max(1).values)
+    assert set((flat_values[:, 0] * 255).round().tolist()) <= set(shades.float().tolist())
+
+
+def test_batches_are_mirrored_about_half_of_the_time():
+    torch.manual_seed(0)
+    ramp = torch.arange(18, dtype=torch.uint8).expand(1, 3, 18, 18).clone()
+    batch = AugmentedBatches(ramp, IMAGE_SIZE, 400, True, "cpu").next_batch()
+    mirrored = (batch[:, 0, 0, 0] > batch[:, 0, 0, -1]).float().mean()
+    assert 0.4 < mirrored < 0.6
+
+
+def test_crop_offsets_cover_the_margin():
+    torch.manual_seed(0)
+    ramp = torch.arange(18, dtype=torch.uint8).expand(1, 3, 18, 18).clone()
+    batch = AugmentedBatches(ramp, IMAGE_SIZE, 400, True, "cpu").next_batch()
+    left_edges = (batch[:, 0, 0, :].min(1).values * 255).round()
+    assert set(left_edges.tolist()) == {0.0, 1.0, 2.0}
+
+
+def test_first_batch_is_centre_crop_in_file_order():
+    images = torch.arange(5, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 18, 18).clone()
+    images[:, :, 1, 1] = 200  # inside the centre crop (rows and columns 1..16)
+    first = AugmentedBatches(images, IMAGE_SIZE, 3, True, "cpu").first_batch()
+    assert (first[:, 0, 0, 0] * 255).round().tolist() == [200.0, 200.0, 200.0]
+    assert (first[:, 0, 5, 5] * 255).round().tolist() == [0.0, 1.0, 2.0]
+
+
+# ---------------------------------------------------------------- training and checkpoints
+
+
+def test_training_without_fid_saves_checkpoint_and_samples_at_milestones_and_end(afhq, tmp_path):
+    trainer = make_trainer(afhq, tmp_path, train_num_steps=3, save_and_sample_every=2)
+    trainer.train()
+    assert load_checkpoint(tmp_path / "model.pt")["step"] == 3
+    assert (tmp_path / "sample_step_2.png").is_file() and (tmp_path / "sample_step_3.png").is_file()
+
+
+def test_training_reduces_the_loss_on_blob_images(afhq, tmp_path):
+    trainer = make_trainer(afhq, tmp_path, train_num_steps=30, save_and_sample_every=30,
+                           train_lr=3e-3)
+    trainer.train()
+    losses = [row["loss"] for row in trainer.history]
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_metrics_csv_and_loss_plot_are_written(afhq, tmp_path):
+    make_trainer(afhq, tmp_path, train_num_steps=4, log_every=2).train()
+    with open(tmp_path / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["step"] for row in rows] == ["2", "4"]
+    assert all(float(row["loss"]) > 0 and row["fid"] == "" for row in rows)
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
+    assert not (tmp_path / "fid.png").exists()
+
+
+def test_checkpoint_is_written_atomically(afhq, tmp_path, monkeypatch):
+    trainer = make_trainer(afhq, tmp_path)
+    trainer.save()
+
+    def interrupted_save(obj, file):
+        file.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module.torch, "save", interrupted_save)
+    trainer.step = 7
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    assert load_checkpoint(tmp_path / "model.pt")["step"] == 0
+    assert [path.name for path in tmp_path.iterdir() if path.name.endswith(".tmp")] == []
+
+
+def test_resume_restores_weights_optimizer_and_step_then_trains_on(afhq, tmp_path):
+    make_trainer(afhq, tmp_path, train_num_steps=2).train()
+    saved = load_checkpoint(tmp_path / "model.pt")
+    resumed = make_trainer(afhq, tmp_path, train_num_steps=4, load_path=tmp_path / "model.pt")
+    assert resumed.step == 2
+    assert torch.equal(resumed.optimizer.state_dict()["state"][0]["exp_avg"],
+                       saved["optimizer"]["state"][0]["exp_avg"])
+    assert torch.equal(resumed.diffusion.state_dict()["model.init_conv.weight"],
+                       saved["model"]["model.init_conv.weight"])
+    resumed.train()
+    assert [row["step"] for row in resumed.history] == [1, 2, 3, 4]
+    assert load_checkpoint(tmp_path / "model.pt")["step"] == 4
+
+
+def test_checkpoint_with_other_settings_raises_naming_them(afhq, tmp_path):
+    make_trainer(afhq, tmp_path, train_num_steps=0).save()
+    wider = Diffusion(Unet(16, dim_mults=(1, 2)), image_size=IMAGE_SIZE, timesteps=20)
+    with pytest.raises(ValueError, match=r"timesteps: checkpoint 10, model 20; unet_dim: checkpoint 8, model 16") as error:
+        Trainer(wider, afhq, image_size=IMAGE_SIZE, results_folder=tmp_path / "other",
+                data_class="cat", device="cpu", load_path=tmp_path / "model.pt")
+    assert "image_size" not in str(error.value)
+
+
+def test_missing_checkpoint_raises_file_not_found(afhq, tmp_path):
+    with pytest.raises(FileNotFoundError, match="No checkpoint at"):
+        make_trainer(afhq, tmp_path, load_path=tmp_path / "absent.pt")
+
+
+def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(afhq, tmp_path, monkeypatch):
+    make_trainer(afhq, tmp_path, train_num_steps=2).train()
+    good = load_checkpoint(tmp_path / "model.pt")
+    trainer = make_trainer(afhq, tmp_path, train_num_steps=6, load_path=tmp_path / "model.pt")
+    monkeypatch.setattr(trainer, "loss_function",
+                        lambda x_0: trainer.diffusion(x_0) * float("nan"))
+    with pytest.raises(FloatingPointError, match="became nan at step 3"):
+        trainer.train()
+    kept = load_checkpoint(tmp_path / "model.pt")
+    assert kept["step"] == 2
+    assert torch.equal(kept["model"]["model.init_conv.weight"], good["model"]["model.init_conv.weight"])
+
+
+def test_ctrl_c_saves_a_checkpoint_and_returns(afhq, tmp_path, monkeypatch):
+    trainer = make_trainer(afhq, tmp_path, train_num_steps=10, save_and_sample_every=10)
+    train_step = trainer._train_step
+    calls = []
+
+    def interrupted_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return train_step()
+
+    monkeypatch.setattr(trainer, "_train_step", interrupted_step)
+    trainer.train()
+    assert load_checkpoint(tmp_path / "model.pt")["step"] == 2
+
+
+def test_gradient_accumulation_averages_the_batches(afhq, tmp_path, monkeypatch):
+    trainer = make_trainer(afhq, tmp_path, gradient_accumulate_every=2)
+    losses = iter([torch.tensor(1.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)])
+    monkeypatch.setattr(trainer, "loss_function", lambda x_0: next(losses))
+    assert trainer._train_step().item() == pytest.approx(2.0)
+
+
+def test_mixed_precision_is_off_on_cpu(afhq, tmp_path):
+    trainer = make_trainer(afhq, tmp_path)
+    assert autocast_dtype(torch.device("cpu")) is None
+    assert not trainer.scaler.is_enabled()
+
+
+def test_image_size_must_match_the_model(afhq, tmp_path):
+    with pytest.raises(ValueError, match="image_size=32"):
+        make_trainer(afhq, tmp_path, image_size=32)
+
+
+# ---------------------------------------------------------------- wandb
+
+
+class FakeRun:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def log(self, data, step=None):
+        self.calls.append((dict(data), step))
+
+    def finish(self):
+        self.calls.append(("finished", None))
+
+
+def fake_wandb(monkeypatch):
+    """Install a stand-in wandb module; returns (init keyword arguments, run calls)."""
+    inits, calls = [], []
+
+    def init(**options):
+        inits.append(options)
+        return FakeRun(calls)
+
+    module = types.SimpleNamespace(init=init, Image=lambda path: f"image:{path}")
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    return inits, calls
+
+
+def test_one_wandb_log_per_logged_step_with_explicit_step(afhq, tmp_path, monkeypatch):
+    _, calls = fake_wandb(monkeypatch)
+    make_trainer(afhq, tmp_path, train_num_steps=4, log_every=1).train()
+    logs = [call for call in calls if call[0] != "finished"]
+    assert [step for _, step in logs] == [1, 2, 3, 4]
+    assert set(logs[1][0]) == {"loss", "samples"}  # milestone: loss and images together
+
+
+def test_wandb_goes_offline_without_key_or_terminal(tmp_path, monkeypatch, capsys):
+    inits, _ = fake_wandb(monkeypatch)
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(sys, "stdin", None)
+    WandbLogger({}, tmp_path)
+    assert inits[0]["mode"] == "offline" and inits[0]["project"] == "DDPM_AFHQ"
+    assert "offline" in capsys.readouterr().out
+
+
+def test_wandb_mode_from_environment_is_respected(tmp_path, monkeypatch):
+    inits, _ = fake_wandb(monkeypatch)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setattr(sys, "stdin", None)
+    WandbLogger({}, tmp_path)
+    assert inits[0]["mode"] is None  # wandb reads WANDB_MODE itself
+
+
+def test_training_works_without_wandb_installed(afhq, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail
+    make_trainer(afhq, tmp_path, train_num_steps=1).train()
+    assert (tmp_path / "model.pt").is_file()
+
+
+# ---------------------------------------------------------------- visualisation
+
+
+def test_visualize_writes_forward_and_backward_figures(afhq, tmp_path):
+    forward, backward = make_trainer(afhq, tmp_path).visualize_diffusion()
+    assert forward == tmp_path / "forward_diffusion.png"
+    assert backward == tmp_path / "backward_diffusion.png"
+    assert forward.read_bytes().startswith(b"\x89PNG") and backward.read_bytes().startswith(b"\x89PNG")
+
+
+def test_backward_process_starts_from_the_raw_x_T_of_the_forward_process(afhq, tmp_path,
+                                                                          monkeypatch):
+    trainer = make_trainer(afhq, tmp_path)
+    diffusion = trainer.diffusion
+    noise = torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE)
+    monkeypatch.setattr(diffusion, "noise_like", lambda shape, device: noise[:shape[0]])
+    starts = []
+    p_sample_loop = diffusion.p_sample_loop
+
+    def recording_loop(img, return_all_timesteps=False):
+        starts.append(img.clone())
+        return p_sample_loop(img, return_all_timesteps)
+
+    monkeypatch.setattr(diffusion, "p_sample_loop", recording_loop)
+    trainer.visualize_diffusion()
+    x_0 = trainer.batches.first_batch() * 2 - 1
+    last = diffusion.num_timesteps - 1
+    expected = (diffusion.sqrt_alphas_cumprod[last] * x_0
+                + diffusion.sqrt_one_minus_alphas_cumprod[last] * noise)
+    assert torch.allclose(starts[0], expected, atol=1e-6)
+    assert starts[0].min() < 0  # not clamped or rescaled to [0, 1]
