@@ -1,0 +1,164 @@
+"""Both notebooks run top to bottom in a real Jupyter kernel, on the CPU, offline.
+
+Each notebook is executed by nbclient in a tmp copy of its part's folder, with test-made data
+and small settings injected in a cell right after its `parameters` cell (papermill style).
+nbclient raises CellExecutionError if any cell fails. The kernel is this interpreter, through
+a kernel spec written to tmp, so the tests need nothing beyond requirements.txt.
+
+Part B's FID needs clean-fid's Inception weights, which cannot be downloaded offline: its run
+injects, with the parameters, a stand-in for clean-fid's feature extractor (a 2x2 colour
+average pool). Everything else of Part 2 is real: sampling, clean-fid's resizing and Fréchet
+distance, the plot. The Inception network itself is not exercised by these tests.
+"""
+import shutil
+from pathlib import Path
+
+import ipykernel.kernelspec
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from afhq_data import make_afhq_folder
+from mnist_data import write_mnist_raw
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LEFT_BEHIND = shutil.ignore_patterns("data", "results", "wandb", "MNIST_data", "__pycache__",
+                                     ".ipynb_checkpoints", "*.pt", "*.jpg", "*.png")
+CELL_TIMEOUT_S = 600
+
+PART_A_SETTINGS = """
+NUM_EPOCHS = 1
+BATCH_SIZE = 64
+"""
+
+PART_B_SETTINGS = """
+DOWNLOAD_AFHQ = False
+IMAGE_SIZE = 16
+BATCH_SIZE = 4
+TIME_STEPS = 5
+UNET_DIM = 8
+DATALOADER_WORKERS = 0
+PART1_STEPS, PART1_EVERY = 2, 1
+PART2_STEPS, PART2_EVERY = 2, 1
+PART5_STEPS, PART5_EVERY = 2, 2
+USE_WANDB = False
+
+import torch.nn.functional as F
+import trainer
+
+def colour_pool_features(images):
+    return F.adaptive_avg_pool2d(images, 2).flatten(1)
+
+trainer.build_feature_extractor = lambda *args, **kwargs: colour_pool_features
+"""
+
+
+@pytest.fixture(scope="module")
+def jupyter_env(tmp_path_factory):
+    """Point Jupyter at a 'python3' kernel spec that runs this interpreter; keep the kernel
+    on the CPU, on one thread (the tensors are tiny, and spare threads only spin when the
+    test machine is busy), and wandb off and out of the repository."""
+    folder = tmp_path_factory.mktemp("jupyter")
+    ipykernel.kernelspec.write_kernel_spec(path=folder / "kernels" / "python3")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JUPYTER_PATH", str(folder))
+        patch.setenv("CUDA_VISIBLE_DEVICES", "")
+        patch.setenv("OMP_NUM_THREADS", "1")
+        patch.setenv("WANDB_MODE", "disabled")
+        patch.setenv("WANDB_DIR", str(folder / "wandb"))
+        yield
+
+
+def copy_part(part_folder, destination):
+    """Copy a part's code and notebook (not its data, results or caches) to `destination`."""
+    return Path(shutil.copytree(REPO_ROOT / part_folder, destination / part_folder,
+                                ignore=LEFT_BEHIND))
+
+
+def inject_settings(notebook, source):
+    """Insert a code cell running `source` right after the cell tagged `parameters`."""
+    index = next(i for i, cell in enumerate(notebook.cells)
+                 if "parameters" in cell.metadata.get("tags", []))
+    injected = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+    notebook.cells.insert(index + 1, injected)
+
+
+def execute_notebook(path, settings):
+    """Run the notebook at `path` in its folder with `settings` injected; save it executed."""
+    notebook = nbformat.read(path, as_version=4)
+    inject_settings(notebook, settings)
+    client = NotebookClient(notebook, kernel_name="python3", timeout=CELL_TIMEOUT_S,
+                            resources={"metadata": {"path": str(path.parent)}})
+    client.execute()
+    nbformat.write(notebook, path)
+    return notebook
+
+
+def error_outputs(notebook):
+    """Every error output of the notebook's code cells."""
+    return [output for cell in notebook.cells if cell.cell_type == "code"
+            for output in cell.outputs if output.output_type == "error"]
+
+
+@pytest.fixture(scope="module")
+def part_a_run(jupyter_env, tmp_path_factory):
+    """Part A's notebook run once on a synthetic MNIST, one epoch per model.
+
+    Returns the folder it ran in and the executed notebook.
+    """
+    folder = copy_part("A3_PartA", tmp_path_factory.mktemp("part_a"))
+    write_mnist_raw(folder / "MNIST_data", num_images=320)
+    return folder, execute_notebook(folder / "variational_autoencoders.ipynb", PART_A_SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def part_b_run(jupyter_env, tmp_path_factory):
+    """Part B's notebook run once on fake AFHQ cats in its default DATA_PATH (./data/train),
+    with every part at two training steps and FID on a stand-in feature extractor.
+
+    Returns the folder it ran in and the executed notebook.
+    """
+    folder = copy_part("A3_PartB", tmp_path_factory.mktemp("part_b"))
+    make_afhq_folder(folder / "data", classes=("cat",), per_class=40, size=64)
+    return folder, execute_notebook(folder / "run_diffusion.ipynb", PART_B_SETTINGS)
+
+
+def test_part_a_notebook_runs_every_cell_without_error(part_a_run):
+    _, notebook = part_a_run
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert all(cell.execution_count for cell in code_cells)
+    assert not error_outputs(notebook)
+
+
+@pytest.mark.parametrize("figure", ["vae_generation.jpg", "vae_interpolation.jpg",
+                                    "conditional_vae_generation.jpg"])
+def test_part_a_notebook_saves_its_figures(part_a_run, figure):
+    folder, _ = part_a_run
+    assert (folder / figure).stat().st_size > 0
+
+
+def test_part_b_notebook_runs_every_cell_without_error(part_b_run):
+    _, notebook = part_b_run
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert all(cell.execution_count for cell in code_cells)
+    assert not error_outputs(notebook)
+
+
+@pytest.mark.parametrize("figure", [
+    "results/part1/loss.png", "results/part1/sample_step_2.png",
+    "results/part1/forward_diffusion.png", "results/part1/backward_diffusion.png",
+    "results/part2/fid.png",
+    "results/part5/sample_step_2.png",
+    "results/part5/forward_diffusion.png", "results/part5/backward_diffusion.png",
+])
+def test_part_b_notebook_saves_the_figures_of_every_part(part_b_run, figure):
+    folder, _ = part_b_run
+    assert (folder / figure).stat().st_size > 0
+
+
+def test_part_b_notebook_shows_the_figures_inline(part_b_run):
+    _, notebook = part_b_run
+    images = [output for cell in notebook.cells if cell.cell_type == "code"
+              for output in cell.outputs if "image/png" in output.get("data", {})]
+    # Part 1: loss and samples; Part 2: FID; Parts 3-4: two; Part 5: samples and loss; Part 6: two
+    assert len(images) == 9
