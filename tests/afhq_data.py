@@ -4,8 +4,12 @@
 or ``root/afhq/train/{cat,dog,wild}/*.jpg`` (v1, with an empty ``val/``) of smooth colour blobs
 that a diffusion model can learn quickly, plus ``corrupt`` unreadable files and ``grayscale``
 one-channel images in the first class, and returns the folder holding the class folders.
+
+``part_b_environment`` is an autouse fixture for Part B test modules (import it there).
 """
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 from utils import write_synthetic_afhq
@@ -27,3 +31,15 @@ def make_afhq_folder(root, classes=("cat", "dog", "wild"), per_class=8, size=512
         shade = np.linspace(0, 255, size * size).reshape(size, size).astype(np.uint8)
         Image.fromarray(shade, mode="L").save(first_class / f"grayscale_{index}{suffix}")
     return train_folder
+
+
+@pytest.fixture(autouse=True)
+def part_b_environment(monkeypatch, tmp_path):
+    """wandb disabled and writing into tmp_path; torch on one thread, which runs tiny models
+    faster, and far faster when other processes share the CPUs."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

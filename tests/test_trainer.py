@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import trainer as trainer_module
-from afhq_data import make_afhq_folder
+from afhq_data import make_afhq_folder, part_b_environment  # noqa: F401 (autouse fixture)
 from diffusion import Diffusion
 from trainer import (AugmentedBatches, Trainer, WandbLogger, autocast_dtype, find_class_root,
                      load_image_set)
@@ -17,21 +17,6 @@ from utils import write_synthetic_afhq
 PER_CLASS = 6
 IMAGE_SIZE = 16
 pytestmark = pytest.mark.filterwarnings("ignore:Skipping unreadable image:UserWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run faster on one thread, and far faster when other processes share the CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def quiet_wandb(monkeypatch, tmp_path):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
 
 
 @pytest.fixture(scope="module")

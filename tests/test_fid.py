@@ -1,0 +1,122 @@
+"""FID during training: clean-fid with an injected feature extractor, cached reference statistics."""
+import csv
+
+import pytest
+import torch
+from PIL import Image
+
+import trainer as trainer_module
+from afhq_data import make_afhq_folder, part_b_environment  # noqa: F401 (autouse fixture)
+from trainer import fid_worker_count
+from utils import setup_diffusion
+
+NUM_FID_SAMPLES = 24
+pytestmark = [pytest.mark.filterwarnings("ignore:Skipping unreadable image:UserWarning"),
+              pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated:DeprecationWarning")]
+
+
+@pytest.fixture(scope="module")
+def afhq(tmp_path_factory):
+    return make_afhq_folder(tmp_path_factory.mktemp("afhq"), per_class=6, size=64)
+
+
+class CountingExtractor:
+    """Per-channel mean and spread of the 299x299 images clean-fid feeds it; counts images."""
+
+    def __init__(self):
+        self.images_seen = 0
+
+    def __call__(self, images):
+        self.images_seen += len(images)
+        return torch.cat([images.mean((2, 3)), images.std((2, 3))], dim=1) / 255
+
+
+def fid_trainer(afhq, results, extractor, data_class="cat", **options):
+    _, _, trainer = setup_diffusion(
+        train_steps=4, save_and_sample_every=2, fid=True, save_folder=results, data_path=afhq,
+        unet_dim_mults=[1, 2], image_size=16, batch_size=4, data_class=data_class,
+        time_steps=10, unet_dim=8, dataloader_workers=0, fid_feature_extractor=extractor,
+        num_fid_samples=NUM_FID_SAMPLES, num_samples=4, log_every=1, **options)
+    return trainer
+
+
+def generated_images(count=NUM_FID_SAMPLES):
+    torch.manual_seed(1)
+    return torch.randint(0, 256, (count, 3, 16, 16), dtype=torch.uint8)
+
+
+def test_reference_statistics_are_computed_once_across_evaluations(afhq, tmp_path):
+    extractor = CountingExtractor()
+    scorer = fid_trainer(afhq, tmp_path, extractor).fid_scorer
+    reference_count = len(scorer.reference_images)
+    scorer.score(generated_images())
+    scorer.score(generated_images())
+    assert extractor.images_seen == reference_count + 2 * NUM_FID_SAMPLES
+
+
+def test_reference_statistics_are_reused_by_a_later_trainer(afhq, tmp_path):
+    fid_trainer(afhq, tmp_path, CountingExtractor()).fid_scorer.score(generated_images())
+    extractor = CountingExtractor()
+    fid_trainer(afhq, tmp_path, extractor).fid_scorer.score(generated_images())
+    assert extractor.images_seen == NUM_FID_SAMPLES
+
+
+def test_fid_of_the_training_images_against_themselves_is_zero(afhq, tmp_path):
+    scorer = fid_trainer(afhq, tmp_path, CountingExtractor(), data_class="all").fid_scorer
+    assert scorer.score(scorer.reference_images) == pytest.approx(0, abs=1e-6)
+
+
+def test_fid_of_noise_against_the_training_images_is_large(afhq, tmp_path):
+    scorer = fid_trainer(afhq, tmp_path, CountingExtractor(), data_class="all").fid_scorer
+    assert scorer.score(generated_images()) > 0.01
+
+
+def test_stale_sample_files_are_not_counted(afhq, tmp_path):
+    extractor = CountingExtractor()
+    scorer = fid_trainer(afhq, tmp_path, extractor).fid_scorer
+    scorer.reference_statistics()
+    stale = tmp_path / "fid_samples"
+    stale.mkdir()
+    for index in range(5):
+        Image.new("RGB", (16, 16), "white").save(stale / f"old_{index}.png")
+    seen_before = extractor.images_seen
+    scorer.score(generated_images())
+    assert extractor.images_seen - seen_before == NUM_FID_SAMPLES
+
+
+def test_training_with_fid_on_all_classes_logs_scores_and_plots(afhq, tmp_path):
+    trainer = fid_trainer(afhq, tmp_path, CountingExtractor(), data_class="all")
+    trainer.train()
+    with open(tmp_path / "metrics.csv", newline="") as file:
+        scored = [row["step"] for row in csv.DictReader(file) if row["fid"]]
+    assert scored == ["2", "4"]
+    assert (tmp_path / "fid.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_clean_fid_gets_the_trainer_device_and_no_data_parallel(afhq, tmp_path, monkeypatch):
+    built, folder_calls = [], []
+
+    def build(mode, device, use_dataparallel):
+        built.append((mode, device, use_dataparallel))
+        return CountingExtractor()
+
+    get_folder_features = trainer_module.clean_fid.get_folder_features
+
+    def recording_features(folder, model, **options):
+        folder_calls.append(options)
+        return get_folder_features(folder, model, **options)
+
+    monkeypatch.setattr(trainer_module, "build_feature_extractor", build)
+    monkeypatch.setattr(trainer_module.clean_fid, "get_folder_features", recording_features)
+    fid_trainer(afhq, tmp_path, None).fid_scorer.score(generated_images())
+    assert built == [("clean", torch.device("cpu"), False)]
+    assert all(call["device"] == torch.device("cpu") and call["mode"] == "clean"
+               and call["num_workers"] == 0 for call in folder_calls)
+
+
+def test_fid_workers_are_capped_by_the_cpus_and_off_without_fork(monkeypatch):
+    monkeypatch.setattr(trainer_module.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(trainer_module.multiprocessing, "get_start_method", lambda: "fork")
+    assert fid_worker_count(16) == 2
+    monkeypatch.setattr(trainer_module.multiprocessing, "get_start_method", lambda: "spawn")
+    assert fid_worker_count(16) == 0
