@@ -56,14 +56,13 @@ trainer.build_feature_extractor = lambda *args, **kwargs: colour_pool_features
 @pytest.fixture(scope="module")
 def jupyter_env(tmp_path_factory):
     """Point Jupyter at a 'python3' kernel spec that runs this interpreter; keep the kernel
-    on the CPU, on one thread (the tensors are tiny, and spare threads only spin when the
-    test machine is busy), and wandb off and out of the repository."""
+    on the CPU (on one thread: conftest.py sets OMP_NUM_THREADS) and wandb off and out of
+    the repository."""
     folder = tmp_path_factory.mktemp("jupyter")
     ipykernel.kernelspec.write_kernel_spec(path=folder / "kernels" / "python3")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("JUPYTER_PATH", str(folder))
         patch.setenv("CUDA_VISIBLE_DEVICES", "")
-        patch.setenv("OMP_NUM_THREADS", "1")
         patch.setenv("WANDB_MODE", "disabled")
         patch.setenv("WANDB_DIR", str(folder / "wandb"))
         yield
