@@ -10,6 +10,8 @@ injects, with the parameters, a stand-in for clean-fid's feature extractor (a 2x
 average pool). Everything else of Part 2 is real: sampling, clean-fid's resizing and Fréchet
 distance, the plot. The Inception network itself is not exercised by these tests.
 """
+import csv
+import math
 import shutil
 from pathlib import Path
 
@@ -32,7 +34,6 @@ BATCH_SIZE = 64
 """
 
 PART_B_SETTINGS = """
-DOWNLOAD_AFHQ = False
 IMAGE_SIZE = 16
 BATCH_SIZE = 4
 TIME_STEPS = 5
@@ -43,6 +44,7 @@ PART2_STEPS, PART2_EVERY = 2, 1
 PART5_STEPS, PART5_EVERY = 2, 2
 USE_WANDB = False
 
+# offline stand-in for clean-fid's Inception network (see the module docstring)
 import torch.nn.functional as F
 import trainer
 
@@ -112,13 +114,17 @@ def part_a_run(jupyter_env, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def part_b_run(jupyter_env, tmp_path_factory):
-    """Part B's notebook run once on fake AFHQ cats in its default DATA_PATH (./data/train),
-    with every part at two training steps and FID on a stand-in feature extractor.
+    """Part B's notebook run once, every part at two training steps, FID on a stand-in extractor.
 
-    Returns the folder it ran in and the executed notebook.
+    The data is a fake AFHQ zip laid out like the real one (train/cat/*.png) and left in
+    ./data/afhq_v2.zip, where the notebook's download step puts it, so the notebook skips the
+    download but unzips it itself. Returns the folder it ran in and the executed notebook.
     """
     folder = copy_part("A3_PartB", tmp_path_factory.mktemp("part_b"))
-    make_afhq_folder(folder / "data", classes=("cat",), per_class=40, size=64)
+    fake_afhq = make_afhq_folder(tmp_path_factory.mktemp("afhq"), classes=("cat",),
+                                 per_class=40, size=64).parent
+    (folder / "data").mkdir()
+    shutil.make_archive(str(folder / "data" / "afhq_v2"), "zip", root_dir=fake_afhq)
     return folder, execute_notebook(folder / "run_diffusion.ipynb", PART_B_SETTINGS)
 
 
@@ -143,6 +149,12 @@ def test_part_b_notebook_runs_every_cell_without_error(part_b_run):
     assert not error_outputs(notebook)
 
 
+def test_part_b_notebook_unzips_afhq_when_its_data_folder_is_missing(part_b_run):
+    folder, _ = part_b_run
+    cats = list((folder / "data" / "train" / "cat").glob("*.png"))
+    assert len(cats) == 40 + 2  # the fake tree adds one corrupt and one grayscale file
+
+
 @pytest.mark.parametrize("figure", [
     "results/part1/loss.png", "results/part1/sample_step_2.png",
     "results/part1/forward_diffusion.png", "results/part1/backward_diffusion.png",
@@ -153,6 +165,14 @@ def test_part_b_notebook_runs_every_cell_without_error(part_b_run):
 def test_part_b_notebook_saves_the_figures_of_every_part(part_b_run, figure):
     folder, _ = part_b_run
     assert (folder / figure).stat().st_size > 0
+
+
+def test_part_b_notebook_scores_fid_at_every_milestone_of_part_2(part_b_run):
+    folder, _ = part_b_run
+    with open(folder / "results" / "part2" / "metrics.csv", newline="") as file:
+        scored = {int(row["step"]): float(row["fid"]) for row in csv.DictReader(file) if row["fid"]}
+    assert sorted(scored) == [1, 2]
+    assert all(math.isfinite(fid) and fid >= 0 for fid in scored.values())
 
 
 def test_part_b_notebook_shows_the_figures_inline(part_b_run):
