@@ -62,6 +62,7 @@ def jupyter_env(tmp_path_factory):
     the repository."""
     folder = tmp_path_factory.mktemp("jupyter")
     ipykernel.kernelspec.write_kernel_spec(path=folder / "kernels" / "python3")
+    (folder / "wandb").mkdir()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("JUPYTER_PATH", str(folder))
         patch.setenv("CUDA_VISIBLE_DEVICES", "")
