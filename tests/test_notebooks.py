@@ -156,6 +156,11 @@ def test_part_b_notebook_unzips_afhq_when_its_data_folder_is_missing(part_b_run)
     assert len(cats) == 40 + 2  # the fake tree adds one corrupt and one grayscale file
 
 
+def test_part_b_notebook_deletes_the_afhq_zip_once_unpacked(part_b_run):
+    folder, _ = part_b_run
+    assert not (folder / "data" / "afhq_v2.zip").exists()
+
+
 @pytest.mark.parametrize("figure", [
     "results/part1/loss.png", "results/part1/sample_step_2.png",
     "results/part1/forward_diffusion.png", "results/part1/backward_diffusion.png",
