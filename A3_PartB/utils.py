@@ -120,6 +120,6 @@ def run_demo(save_folder="./results/"):
     data_path = write_synthetic_afhq(Path(save_folder) / "demo_data", classes=("cat",),
                                      per_class=300, size=64)
     settings = dict(save_and_sample_every=100, fid=False, save_folder=save_folder,
-                    data_path=data_path, unet_dim_mults=[1, 2, 4], dataloader_workers=2)
+                    data_path=data_path, dataloader_workers=2)
     train_diffusion(train_steps=300, **settings)
     return visualize_diffusion(train_steps=300, **settings)

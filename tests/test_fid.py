@@ -1,18 +1,19 @@
 """FID during training: clean-fid with an injected feature extractor, cached reference statistics."""
 import csv
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import linalg
 
 import trainer as trainer_module
 from afhq_data import make_afhq_folder, part_b_environment  # noqa: F401 (autouse fixture)
-from trainer import fid_worker_count
+from trainer import fid_worker_count, frechet_distance, psd_sqrt
 from utils import setup_diffusion
 
 NUM_FID_SAMPLES = 24
-pytestmark = [pytest.mark.filterwarnings("ignore:Skipping unreadable image:UserWarning"),
-              pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated:DeprecationWarning")]
+pytestmark = pytest.mark.filterwarnings("ignore:Skipping unreadable image:UserWarning")
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +121,13 @@ def test_fid_workers_are_capped_by_the_cpus_and_off_without_fork(monkeypatch):
     assert fid_worker_count(16) == 2
     monkeypatch.setattr(trainer_module.multiprocessing, "get_start_method", lambda: "spawn")
     assert fid_worker_count(16) == 0
+
+
+def test_frechet_distance_matches_the_matrix_square_root_definition():
+    rng = np.random.default_rng(0)
+    features_1, features_2 = rng.normal(size=(40, 5)), rng.normal(1.0, 2.0, size=(60, 5))
+    mu_1, sigma_1 = features_1.mean(0), np.cov(features_1, rowvar=False)
+    mu_2, sigma_2 = features_2.mean(0), np.cov(features_2, rowvar=False)
+    expected = (((mu_1 - mu_2) ** 2).sum() + np.trace(sigma_1) + np.trace(sigma_2)
+                - 2 * np.trace(linalg.sqrtm(sigma_1 @ sigma_2)).real)
+    assert frechet_distance(mu_1, sigma_1, mu_2, sigma_2, psd_sqrt(sigma_2)) == pytest.approx(expected)

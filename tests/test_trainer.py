@@ -185,6 +185,18 @@ def test_training_without_fid_saves_checkpoint_and_samples_at_milestones_and_end
     assert (tmp_path / "sample_step_2.png").is_file() and (tmp_path / "sample_step_3.png").is_file()
 
 
+def test_training_reads_batches_from_memory_without_decoding(afhq, tmp_path, monkeypatch):
+    trainer = make_trainer(afhq, tmp_path, train_num_steps=2, dataloader_workers=16)
+    decodes = count_decodes(monkeypatch)
+    trainer.train()
+    assert decodes == []
+
+
+def test_nested_results_folder_is_created(afhq, tmp_path):
+    make_trainer(afhq, tmp_path / "runs" / "cat" / "first", train_num_steps=1).train()
+    assert (tmp_path / "runs" / "cat" / "first" / "model.pt").is_file()
+
+
 def test_training_reduces_the_loss_on_blob_images(afhq, tmp_path):
     trainer = make_trainer(afhq, tmp_path, train_num_steps=30, save_and_sample_every=30,
                            train_lr=3e-3)
