@@ -25,7 +25,8 @@ def build_parser():
     parser.add_argument("--data_path", default="./data/train",
                         help="folder holding cat/ dog/ wild/ (or the dataset root above it)")
     parser.add_argument("--load_path", default=None,
-                        help="checkpoint to resume or visualize (--visualize: SAVE_FOLDER/model.pt)")
+                        help="checkpoint to resume or visualize "
+                             "(default for --visualize: SAVE_FOLDER/model.pt)")
     parser.add_argument("--unet_dim_mults", type=int, nargs="+", default=[1, 2, 4, 8],
                         help="U-Net channel multipliers per resolution")
     parser.add_argument("--image_size", type=int, default=32)

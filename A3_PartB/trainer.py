@@ -53,7 +53,7 @@ DOWNLOAD_HINT = (
 
 
 def atomic_write(path, write):
-    """Call ``write(binary_file)`` on a temporary file beside ``path``, then rename it onto ``path``.
+    """Call ``write(binary_file)`` on a temporary file beside ``path``, then rename it to ``path``.
 
     A crash or Ctrl-C mid-write leaves the previous file intact instead of a truncated one.
     """
@@ -176,7 +176,8 @@ def load_image_set(folder, data_class, image_size, cache_folder, workers=1):
         cached = torch.load(cache_file, weights_only=True)
         return ImageSet(cached["train"], cached["reference"], key)
     train, reference = decode_images(files, image_size, workers)
-    atomic_write(cache_file, lambda file: torch.save({"train": train, "reference": reference}, file))
+    images = {"train": train, "reference": reference}
+    atomic_write(cache_file, lambda file: torch.save(images, file))
     return ImageSet(train, reference, key)
 
 
@@ -262,7 +263,7 @@ class FidScorer:
         return self.feature_extractor
 
     def _statistics(self, images, folder):
-        """Mean and covariance of the features of uint8 images, read back from PNGs in ``folder``."""
+        """Mean and covariance of the features of uint8 images, saved as PNGs in ``folder``."""
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         for index, image in enumerate(images):
@@ -362,7 +363,8 @@ class WandbLogger:
             print("wandb is not installed: metrics go to metrics.csv and the PNG figures only.")
             return
         mode = None
-        if "WANDB_MODE" not in os.environ and not wandb_key_available() and not stdin_is_interactive():
+        if ("WANDB_MODE" not in os.environ and not wandb_key_available()
+                and not stdin_is_interactive()):
             mode = "offline"
             print("wandb: no API key (WANDB_API_KEY or `wandb login`) and no terminal to ask for "
                   "one, so logging offline; set WANDB_MODE=disabled to turn wandb off.")
@@ -482,9 +484,11 @@ class Trainer:
                  dataset=None, shuffle=True, data_class=None, device=None, fid=False,
                  dataloader_workers=16, fid_feature_extractor=None, num_fid_samples=512,
                  num_samples=25, log_every=10, channels_last=False, compile_model=False):
-        require_positive(train_batch_size=train_batch_size, save_and_sample_every=save_and_sample_every,
-                         gradient_accumulate_every=gradient_accumulate_every, log_every=log_every,
-                         num_samples=num_samples, num_fid_samples=num_fid_samples)
+        require_positive(train_batch_size=train_batch_size,
+                         save_and_sample_every=save_and_sample_every,
+                         gradient_accumulate_every=gradient_accumulate_every,
+                         log_every=log_every, num_samples=num_samples,
+                         num_fid_samples=num_fid_samples)
         if image_size != diffusion_model.image_size:
             raise ValueError(f"image_size={image_size} but the model makes "
                              f"{diffusion_model.image_size}px images; pass the same size to both.")
@@ -503,37 +507,50 @@ class Trainer:
         self.config = {**self.settings, "data_class": data_class, "batch_size": train_batch_size,
                        "learning_rate": train_lr, "train_num_steps": train_num_steps, "fid": fid}
 
-        cache_folder = self.results_folder / "cache"
-        decode_threads = max(1, min(dataloader_workers, os.cpu_count() or 1))
-        self.images = dataset if dataset is not None else load_image_set(
-            folder, data_class, image_size, cache_folder, decode_threads)
-        self.batches = AugmentedBatches(self.images.train, image_size, train_batch_size,
-                                        shuffle, self.device)
+        self._prepare_data(folder, dataset, data_class, train_batch_size, shuffle,
+                           dataloader_workers)
         self.fid_scorer = None
         if fid:
-            cache_file = cache_folder / (f"fid_{extractor_name(fid_feature_extractor)}_"
-                                         f"{data_class or 'all'}_{image_size}px_{self.images.key}.npz")
-            self.fid_scorer = FidScorer(self.images.reference, cache_file,
-                                        self.results_folder / "fid_samples", self.device,
-                                        fid_worker_count(dataloader_workers), fid_feature_extractor)
-
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.diffusion.to(memory_format=self.memory_format)
-        self.loss_function = torch.compile(self.diffusion) if compile_model else self.diffusion
-        self.optimizer = torch.optim.Adam(self.diffusion.parameters(), lr=train_lr)
-        self.amp_dtype = autocast_dtype(self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type,
-                                           enabled=self.amp_dtype == torch.float16)
+            self.fid_scorer = self._make_fid_scorer(fid_feature_extractor, data_class,
+                                                    dataloader_workers)
+        self._prepare_optimization(train_lr, channels_last, compile_model)
         self.step = 0
         self.history = []
         if load_path is not None:
             self.load(load_path)
 
+    def _prepare_data(self, folder, dataset, data_class, batch_size, shuffle, workers):
+        """Decoded images (from ``dataset`` or the cache of ``folder``) and their batches."""
+        decode_threads = max(1, min(workers, os.cpu_count() or 1))
+        self.images = dataset if dataset is not None else load_image_set(
+            folder, data_class, self.diffusion.image_size, self.results_folder / "cache",
+            decode_threads)
+        self.batches = AugmentedBatches(self.images.train, self.diffusion.image_size, batch_size,
+                                        shuffle, self.device)
+
+    def _make_fid_scorer(self, feature_extractor, data_class, workers):
+        name = (f"fid_{extractor_name(feature_extractor)}_{data_class or 'all'}_"
+                f"{self.diffusion.image_size}px_{self.images.key}.npz")
+        return FidScorer(self.images.reference, self.results_folder / "cache" / name,
+                         self.results_folder / "fid_samples", self.device,
+                         fid_worker_count(workers), feature_extractor)
+
+    def _prepare_optimization(self, learning_rate, channels_last, compile_model):
+        """Adam, mixed precision (with a GradScaler for fp16) and the optional speed-ups."""
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.diffusion.to(memory_format=self.memory_format)
+        self.loss_function = torch.compile(self.diffusion) if compile_model else self.diffusion
+        self.optimizer = torch.optim.Adam(self.diffusion.parameters(), lr=learning_rate)
+        self.amp_dtype = autocast_dtype(self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=self.amp_dtype == torch.float16)
+
     # ------------------------------------------------------------ checkpoints
 
     def save(self):
         """Write model, optimizer, scaler, step, settings and metric history to model.pt."""
-        checkpoint = {"model": self.diffusion.state_dict(), "optimizer": self.optimizer.state_dict(),
+        checkpoint = {"model": self.diffusion.state_dict(),
+                      "optimizer": self.optimizer.state_dict(),
                       "scaler": self.scaler.state_dict(), "step": self.step,
                       "settings": self.settings, "history": self.history}
         atomic_write(self.checkpoint_path, lambda file: torch.save(checkpoint, file))
@@ -542,7 +559,8 @@ class Trainer:
         """Resume from a checkpoint of ``save``: weights, optimizer, scaler, step and history."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"No checkpoint at {path}: train first, or pass load_path=None.")
+            raise FileNotFoundError(
+                f"No checkpoint at {path}: train first, or pass load_path=None.")
         checkpoint = torch.load(path, map_location=self.device, weights_only=True)
         check_settings(checkpoint["settings"], self.settings, path)
         self.diffusion.load_state_dict(checkpoint["model"])
@@ -597,7 +615,8 @@ class Trainer:
         except KeyboardInterrupt:
             if math.isfinite(loss_sum.item()):
                 self.save()
-                print(f"\nInterrupted at step {self.step}; checkpoint saved to {self.checkpoint_path}.")
+                print(f"\nInterrupted at step {self.step}; "
+                      f"checkpoint saved to {self.checkpoint_path}.")
         finally:
             progress.close()
             self._write_metrics()
@@ -643,7 +662,8 @@ class Trainer:
         writer = csv.DictWriter(text, METRIC_FIELDS)
         writer.writeheader()
         writer.writerows(self.history)
-        atomic_write(self.results_folder / "metrics.csv", lambda file: file.write(text.getvalue().encode()))
+        atomic_write(self.results_folder / "metrics.csv",
+                     lambda file: file.write(text.getvalue().encode()))
 
     def _plot_metrics(self):
         plot_curve([row["step"] for row in self.history], [row["loss"] for row in self.history],

@@ -1,4 +1,4 @@
-"""FID during training: clean-fid with an injected feature extractor, cached reference statistics."""
+"""FID during training: clean-fid features (injected extractor), cached reference statistics."""
 import csv
 
 import numpy as np
@@ -130,4 +130,5 @@ def test_frechet_distance_matches_the_matrix_square_root_definition():
     mu_2, sigma_2 = features_2.mean(0), np.cov(features_2, rowvar=False)
     expected = (((mu_1 - mu_2) ** 2).sum() + np.trace(sigma_1) + np.trace(sigma_2)
                 - 2 * np.trace(linalg.sqrtm(sigma_1 @ sigma_2)).real)
-    assert frechet_distance(mu_1, sigma_1, mu_2, sigma_2, psd_sqrt(sigma_2)) == pytest.approx(expected)
+    distance = frechet_distance(mu_1, sigma_1, mu_2, sigma_2, psd_sqrt(sigma_2))
+    assert distance == pytest.approx(expected)

@@ -248,7 +248,8 @@ def test_resume_restores_weights_optimizer_and_step_then_trains_on(afhq, tmp_pat
 def test_checkpoint_with_other_settings_raises_naming_them(afhq, tmp_path):
     make_trainer(afhq, tmp_path, train_num_steps=0).save()
     wider = Diffusion(Unet(16, dim_mults=(1, 2)), image_size=IMAGE_SIZE, timesteps=20)
-    with pytest.raises(ValueError, match=r"timesteps: checkpoint 10, model 20; unet_dim: checkpoint 8, model 16") as error:
+    mismatch = r"timesteps: checkpoint 10, model 20; unet_dim: checkpoint 8, model 16"
+    with pytest.raises(ValueError, match=mismatch) as error:
         Trainer(wider, afhq, image_size=IMAGE_SIZE, results_folder=tmp_path / "other",
                 data_class="cat", device="cpu", load_path=tmp_path / "model.pt")
     assert "image_size" not in str(error.value)
@@ -269,7 +270,8 @@ def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(afhq, tmp_path, 
         trainer.train()
     kept = load_checkpoint(tmp_path / "model.pt")
     assert kept["step"] == 2
-    assert torch.equal(kept["model"]["model.init_conv.weight"], good["model"]["model.init_conv.weight"])
+    assert torch.equal(kept["model"]["model.init_conv.weight"],
+                       good["model"]["model.init_conv.weight"])
 
 
 def test_ctrl_c_saves_a_checkpoint_and_returns(afhq, tmp_path, monkeypatch):
@@ -299,6 +301,14 @@ def test_mixed_precision_is_off_on_cpu(afhq, tmp_path):
     trainer = make_trainer(afhq, tmp_path)
     assert autocast_dtype(torch.device("cpu")) is None
     assert not trainer.scaler.is_enabled()
+
+
+def test_channels_last_option_converts_the_model_and_trains(afhq, tmp_path):
+    trainer = make_trainer(afhq, tmp_path, train_num_steps=1, channels_last=True)
+    weight = trainer.diffusion.model.init_conv.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    trainer.train()
+    assert trainer.step == 1
 
 
 def test_image_size_must_match_the_model(afhq, tmp_path):
@@ -373,7 +383,7 @@ def test_visualize_writes_forward_and_backward_figures(afhq, tmp_path):
     forward, backward = make_trainer(afhq, tmp_path).visualize_diffusion()
     assert forward == tmp_path / "forward_diffusion.png"
     assert backward == tmp_path / "backward_diffusion.png"
-    assert forward.read_bytes().startswith(b"\x89PNG") and backward.read_bytes().startswith(b"\x89PNG")
+    assert all(path.read_bytes().startswith(b"\x89PNG") for path in (forward, backward))
 
 
 def test_backward_process_starts_from_the_raw_x_T_of_the_forward_process(afhq, tmp_path,
