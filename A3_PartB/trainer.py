@@ -239,9 +239,9 @@ class FidScorer:
 
     The reference statistics (mean and covariance of the features of ``reference_images``) are
     computed once and stored in ``cache_file`` (npz), which later evaluations and trainers reuse.
-    Features come from clean-fid (its resize to 299x299 and its extractor); the distance from
-    ``frechet_distance`` below.
     Each evaluation writes its samples into an emptied ``samples_folder``, so nothing stale counts.
+    Features come from clean-fid (its resize to 299x299 and its extractor), the distance from
+    ``frechet_distance`` below.
     ``feature_extractor`` maps float images (B, 3, 299, 299) in [0, 255] to features (B, D); None
     builds clean-fid's Inception (downloaded by clean-fid on first use).
     """
@@ -280,6 +280,7 @@ class FidScorer:
             with np.load(self.cache_file) as cached:
                 self.reference = cached["mu"], cached["sigma"], psd_sqrt(cached["sigma"])
         if self.reference is None:
+            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=self.cache_file.parent) as folder:
                 mu, sigma = self._statistics(self.reference_images, Path(folder) / "reference")
             atomic_write(self.cache_file, lambda file: np.savez(file, mu=mu, sigma=sigma))
@@ -671,34 +672,38 @@ class Trainer:
         scored = [row for row in self.history if row["fid"] is not None]
         if scored:
             plot_curve([row["step"] for row in scored], [row["fid"] for row in scored],
-                       "FID (512 samples)", self.results_folder / "fid.png")
+                       f"FID ({self.num_fid_samples} samples)", self.results_folder / "fid.png")
 
     # ------------------------------------------------------------ visualisation
 
     def _timesteps(self, t, batch_size):
         return torch.full((batch_size,), t, device=self.device, dtype=torch.long)
 
+    def _forward_process(self, x_0):
+        """x_t = q_sample(x_0, t) (eq. 2 with abar_t) at the visualised fractions of T, and
+        x_T (t = T-1 in code), all from one noise draw; returns (steps, frames, x_T)."""
+        timesteps = self.diffusion.num_timesteps
+        noise = self.diffusion.noise_like(x_0.shape, x_0.device)
+        steps = [min(int(fraction * timesteps), timesteps - 1) for fraction in VISUALIZED_FRACTIONS]
+        frames = [self.diffusion.q_sample(x_0, self._timesteps(t, len(x_0)), noise) for t in steps]
+        x_T = self.diffusion.q_sample(x_0, self._timesteps(timesteps - 1, len(x_0)), noise)
+        return steps, frames, x_T
+
     @torch.no_grad()
     def visualize_diffusion(self):
         """Parts 3 and 4: the forward and backward processes of the first training batch.
 
-        Forward: x_t = q_sample(x_0, t) (eq. 2 with abar_t) at 0/25/50/75/99 % of T, one noise
-        draw for all frames. Backward: Algorithm 2 from the raw x_{T} of that forward process
-        (t = T-1 in code; not clamped or rescaled), frames after the same fractions of the T
+        Forward: frames at 0/25/50/75/99 % of T. Backward: Algorithm 2 from the raw x_T of that
+        forward process (not clamped or rescaled), frames after the same fractions of the T
         reverse steps. Saves forward_diffusion.png and backward_diffusion.png, shows them in a
         notebook, logs them to wandb; returns the two paths.
         """
         self.diffusion.eval()
-        x_0 = normalize_to_neg_one_to_one(self.batches.first_batch())
-        timesteps = self.diffusion.num_timesteps
-        noise = self.diffusion.noise_like(x_0.shape, x_0.device)
-        forward_steps = [min(int(fraction * timesteps), timesteps - 1)
-                         for fraction in VISUALIZED_FRACTIONS]
-        forward = [self.diffusion.q_sample(x_0, self._timesteps(t, len(x_0)), noise)
-                   for t in forward_steps]
-        x_T = self.diffusion.q_sample(x_0, self._timesteps(timesteps - 1, len(x_0)), noise)
+        forward_steps, forward, x_T = self._forward_process(
+            normalize_to_neg_one_to_one(self.batches.first_batch()))
         with self._autocast():
             backward = self.diffusion.p_sample_loop(x_T, return_all_timesteps=True).float()
+        timesteps = self.diffusion.num_timesteps
         reverse_steps = [int(fraction * timesteps) for fraction in VISUALIZED_FRACTIONS]
         paths = {"forward_diffusion": self.results_folder / "forward_diffusion.png",
                  "backward_diffusion": self.results_folder / "backward_diffusion.png"}
@@ -709,9 +714,13 @@ class Trainer:
                      [f"{f:.0%}: {k} of {timesteps} steps"
                       for f, k in zip(VISUALIZED_FRACTIONS, reverse_steps)],
                      paths["backward_diffusion"])
-        for path in paths.values():
+        self._publish(paths)
+        return paths["forward_diffusion"], paths["backward_diffusion"]
+
+    def _publish(self, figures):
+        """Show figures (name -> PNG path) in a notebook and log them to wandb in one call."""
+        for path in figures.values():
             show_in_notebook(path)
         logger = WandbLogger(self.config, self.results_folder)
-        logger.log(self.step, {}, paths)
+        logger.log(self.step, {}, figures)
         logger.finish()
-        return paths["forward_diffusion"], paths["backward_diffusion"]

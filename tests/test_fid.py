@@ -85,6 +85,12 @@ def test_stale_sample_files_are_not_counted(afhq, tmp_path):
     assert extractor.images_seen - seen_before == NUM_FID_SAMPLES
 
 
+def test_fid_works_for_a_given_image_set(afhq, tmp_path):
+    images = fid_trainer(afhq, tmp_path / "first", CountingExtractor()).images
+    scorer = fid_trainer(afhq, tmp_path / "second", CountingExtractor(), dataset=images).fid_scorer
+    assert scorer.score(generated_images()) > 0
+
+
 def test_training_with_fid_on_all_classes_logs_scores_and_plots(afhq, tmp_path):
     trainer = fid_trainer(afhq, tmp_path, CountingExtractor(), data_class="all")
     trainer.train()
