@@ -32,6 +32,7 @@ def setup_diffusion(train_steps, save_and_sample_every, fid, save_folder, data_p
                     dataloader_workers=16, Diffusion=None, **trainer_options):
     """Build ``(model, diffusion, trainer)`` with fixed seeds.
 
+    The defaults are the handout's (``unet_dim_mults`` is a list there too; it is only read).
     ``Diffusion`` is the diffusion class to use (default: the one in diffusion.py);
     ``trainer_options`` are passed on to ``Trainer`` (e.g. ``fid_feature_extractor``).
     """
