@@ -1,14 +1,15 @@
 """Training of the DDPM in diffusion.py: data, the loop of Algorithm 1, checkpoints, FID, figures.
 
 Data: the images of ``folder/{data_class}/*.{jpg,jpeg,png}`` are decoded and resized once, stacked
-into uint8 tensors, cached on disk (``results/cache``) and kept on the training device. Batches are
+into uint8 tensors, cached on disk (``~/.cache/a3_ddpm``) and kept on the training device. Batches are
 drawn, cropped and flipped there, so no DataLoader worker decodes 512x512 PNGs while training.
 The augmentation is the starter's: resize to ``int(1.12 * image_size)``, random ``image_size``
 crop, random horizontal flip; pixels are normalised to [-1, 1] right before the model sees them.
 
 Outputs in ``results_folder``: ``model.pt`` (checkpoint), ``sample_step_<step>.png``,
 ``loss.png``, ``fid.png`` (with FID on), ``metrics.csv``, ``forward_diffusion.png`` and
-``backward_diffusion.png`` (``visualize_diffusion``), ``cache/`` (decoded images, FID statistics).
+``backward_diffusion.png`` (``visualize_diffusion``). Decoded images and FID reference
+statistics go to ``cache_folder`` (default ``~/.cache/a3_ddpm``), shared by all results folders.
 """
 import csv
 import hashlib
@@ -224,11 +225,11 @@ class AugmentedBatches:
                             rows[:, None, :, None], columns[:, None, None, :]]
         return crops.float() / 255
 
-    def first_batch(self):
-        """The first ``batch_size`` images in file order, centre-cropped, not flipped, in [0, 1]."""
+    def first_batch(self, count):
+        """The first ``count`` images in file order, centre-cropped, not flipped, in [0, 1]."""
         start = self.margin // 2
         window = slice(start, start + self.image_size)
-        return self.images[:self.batch_size, :, window, window].float() / 255
+        return self.images[:count, :, window, window].float() / 255
 
 
 # ---------------------------------------------------------------- FID
@@ -429,6 +430,12 @@ def show_in_notebook(path):
 # ---------------------------------------------------------------- trainer
 
 
+def default_cache_folder():
+    """Where decoded images and FID statistics are kept: shared by every results folder (Parts
+    1, 2 and 5 decode once between them), in the user's cache (``$XDG_CACHE_HOME``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "a3_ddpm"
+
+
 def default_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -475,7 +482,8 @@ class Trainer:
     Beyond the starter's arguments: ``dataset`` an ``ImageSet`` to use instead of reading
     ``folder``; ``fid_feature_extractor`` replaces clean-fid's Inception (see ``FidScorer``);
     ``num_fid_samples`` (512, the course protocol); ``num_samples`` in the sample grid;
-    ``channels_last`` and ``compile_model`` (``torch.compile``) speed options.
+    ``channels_last``, ``compile_model`` (``torch.compile``) and ``fused_accumulation`` (see
+    ``_train_step``) speed options; ``cache_folder`` for decoded images and FID statistics.
     ``dataloader_workers`` caps the decoding threads and clean-fid's workers at the CPU count.
     """
 
@@ -484,7 +492,8 @@ class Trainer:
                  save_and_sample_every=1000, results_folder="./results", load_path=None,
                  dataset=None, shuffle=True, data_class=None, device=None, fid=False,
                  dataloader_workers=16, fid_feature_extractor=None, num_fid_samples=512,
-                 num_samples=25, log_every=10, channels_last=False, compile_model=False):
+                 num_samples=25, log_every=10, channels_last=False, compile_model=False,
+                 fused_accumulation=True, cache_folder=None):
         require_positive(train_batch_size=train_batch_size,
                          save_and_sample_every=save_and_sample_every,
                          gradient_accumulate_every=gradient_accumulate_every,
@@ -498,6 +507,8 @@ class Trainer:
         self.settings = model_settings(diffusion_model)
         self.train_num_steps = train_num_steps
         self.gradient_accumulate_every = gradient_accumulate_every
+        self.passes_per_step = 1 if fused_accumulation else gradient_accumulate_every
+        self.cache_folder = Path(cache_folder) if cache_folder is not None else default_cache_folder()
         self.save_and_sample_every = save_and_sample_every
         self.log_every = log_every
         self.num_samples = num_samples
@@ -508,8 +519,10 @@ class Trainer:
         self.config = {**self.settings, "data_class": data_class, "batch_size": train_batch_size,
                        "learning_rate": train_lr, "train_num_steps": train_num_steps, "fid": fid}
 
-        self._prepare_data(folder, dataset, data_class, train_batch_size, shuffle,
+        images_per_pass = train_batch_size * gradient_accumulate_every // self.passes_per_step
+        self._prepare_data(folder, dataset, data_class, images_per_pass, shuffle,
                            dataloader_workers)
+        self.first_batch_size = train_batch_size
         self.fid_scorer = None
         if fid:
             self.fid_scorer = self._make_fid_scorer(fid_feature_extractor, data_class,
@@ -524,7 +537,7 @@ class Trainer:
         """Decoded images (from ``dataset`` or the cache of ``folder``) and their batches."""
         decode_threads = max(1, min(workers, os.cpu_count() or 1))
         self.images = dataset if dataset is not None else load_image_set(
-            folder, data_class, self.diffusion.image_size, self.results_folder / "cache",
+            folder, data_class, self.diffusion.image_size, self.cache_folder,
             decode_threads)
         self.batches = AugmentedBatches(self.images.train, self.diffusion.image_size, batch_size,
                                         shuffle, self.device)
@@ -532,7 +545,7 @@ class Trainer:
     def _make_fid_scorer(self, feature_extractor, data_class, workers):
         name = (f"fid_{extractor_name(feature_extractor)}_{data_class or 'all'}_"
                 f"{self.diffusion.image_size}px_{self.images.key}.npz")
-        return FidScorer(self.images.reference, self.results_folder / "cache" / name,
+        return FidScorer(self.images.reference, self.cache_folder / name,
                          self.results_folder / "fid_samples", self.device,
                          fid_worker_count(workers), feature_extractor)
 
@@ -578,16 +591,19 @@ class Trainer:
                               enabled=self.amp_dtype is not None)
 
     def _train_step(self):
-        """One optimizer step of Algorithm 1 over ``gradient_accumulate_every`` batches.
+        """One optimizer step of Algorithm 1 on ``gradient_accumulate_every`` batches.
 
+        With fused accumulation the batches go through the model as one: the loss is a mean
+        over images and GroupNorm normalises each image alone, so the gradient is the same as
+        accumulating them one by one, for a fraction of the kernel launches.
         Returns the mean loss as a tensor on the device (reading it would stall the GPU).
         """
         total_loss = torch.zeros((), device=self.device)
-        for _ in range(self.gradient_accumulate_every):
+        for _ in range(self.passes_per_step):
             x_0 = normalize_to_neg_one_to_one(self.batches.next_batch())
             with self._autocast():
                 loss = self.loss_function(x_0.contiguous(memory_format=self.memory_format))
-            loss = loss / self.gradient_accumulate_every
+            loss = loss / self.passes_per_step
             self.scaler.scale(loss).backward()
             total_loss += loss.detach()
         self.scaler.step(self.optimizer)
@@ -700,7 +716,7 @@ class Trainer:
         """
         self.diffusion.eval()
         forward_steps, forward, x_T = self._forward_process(
-            normalize_to_neg_one_to_one(self.batches.first_batch()))
+            normalize_to_neg_one_to_one(self.batches.first_batch(self.first_batch_size)))
         with self._autocast():
             backward = self.diffusion.p_sample_loop(x_T, return_all_timesteps=True).float()
         timesteps = self.diffusion.num_timesteps

@@ -170,7 +170,7 @@ def test_crop_offsets_cover_the_margin():
 def test_first_batch_is_centre_crop_in_file_order():
     images = torch.arange(5, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 18, 18).clone()
     images[:, :, 1, 1] = 200  # inside the centre crop (rows and columns 1..16)
-    first = AugmentedBatches(images, IMAGE_SIZE, 3, True, "cpu").first_batch()
+    first = AugmentedBatches(images, IMAGE_SIZE, 2, True, "cpu").first_batch(3)
     assert (first[:, 0, 0, 0] * 255).round().tolist() == [200.0, 200.0, 200.0]
     assert (first[:, 0, 5, 5] * 255).round().tolist() == [0.0, 1.0, 2.0]
 
@@ -291,10 +291,33 @@ def test_ctrl_c_saves_a_checkpoint_and_returns(afhq, tmp_path, monkeypatch):
 
 
 def test_gradient_accumulation_averages_the_batches(afhq, tmp_path, monkeypatch):
-    trainer = make_trainer(afhq, tmp_path, gradient_accumulate_every=2)
+    trainer = make_trainer(afhq, tmp_path, gradient_accumulate_every=2, fused_accumulation=False)
     losses = iter([torch.tensor(1.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)])
     monkeypatch.setattr(trainer, "loss_function", lambda x_0: next(losses))
     assert trainer._train_step().item() == pytest.approx(2.0)
+
+
+def test_fused_accumulation_runs_all_the_batches_of_a_step_in_one_pass(afhq, tmp_path, monkeypatch):
+    trainer = make_trainer(afhq, tmp_path, train_batch_size=4, gradient_accumulate_every=3)
+    batch_sizes = []
+    loss_function = trainer.loss_function
+    monkeypatch.setattr(trainer, "loss_function",
+                        lambda x_0: batch_sizes.append(len(x_0)) or loss_function(x_0))
+    trainer._train_step()
+    assert batch_sizes == [12]
+
+
+def test_fused_accumulation_gives_the_gradient_of_accumulating_batch_by_batch():
+    diffusion = tiny_diffusion()
+    x_0 = torch.rand(6, 3, IMAGE_SIZE, IMAGE_SIZE) * 2 - 1
+    t, noise = torch.randint(0, 10, (6,)), torch.randn_like(x_0)
+    diffusion.p_losses(x_0, t, noise).backward()
+    fused = [p.grad.clone() for p in diffusion.parameters()]
+    diffusion.zero_grad()
+    for half in (slice(0, 3), slice(3, 6)):
+        (diffusion.p_losses(x_0[half], t[half], noise[half]) / 2).backward()
+    for fused_grad, parameter in zip(fused, diffusion.parameters()):
+        torch.testing.assert_close(fused_grad, parameter.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_mixed_precision_is_off_on_cpu(afhq, tmp_path):
@@ -401,9 +424,17 @@ def test_backward_process_starts_from_the_raw_x_T_of_the_forward_process(afhq, t
 
     monkeypatch.setattr(diffusion, "p_sample_loop", recording_loop)
     trainer.visualize_diffusion()
-    x_0 = trainer.batches.first_batch() * 2 - 1
+    x_0 = trainer.batches.first_batch(trainer.first_batch_size) * 2 - 1
     last = diffusion.num_timesteps - 1
     expected = (diffusion.sqrt_alphas_cumprod[last] * x_0
                 + diffusion.sqrt_one_minus_alphas_cumprod[last] * noise)
     assert torch.allclose(starts[0], expected, atol=1e-6)
     assert starts[0].min() < 0  # not clamped or rescaled to [0, 1]
+
+
+def test_trainers_of_different_results_folders_share_the_decoded_images(afhq, tmp_path, monkeypatch):
+    decodes = count_decodes(monkeypatch)
+    make_trainer(afhq, tmp_path / "part1")
+    decoded_by_first = len(decodes)
+    make_trainer(afhq, tmp_path / "part2")
+    assert decoded_by_first > 0 and len(decodes) == decoded_by_first
