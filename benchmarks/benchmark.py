@@ -42,6 +42,7 @@ from unet import Unet  # noqa: E402
 
 HANDOUT = dict(image_size=32, batch_size=32, time_steps=50, unet_dim=16)
 SAMPLES = 512
+SECTIONS = ("pipeline", "training", "sampling", "fid", "parts", "compile")
 
 
 def parse_args():
@@ -54,6 +55,8 @@ def parse_args():
                         help="reference images for the FID timing (default: all)")
     parser.add_argument("--timed-steps", type=int, default=50, help="steps timed per speed option")
     parser.add_argument("--part5", action="store_true", help="also time Part 5 (10,000 steps)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS,
+                        help="what to measure (default: everything)")
     parser.add_argument("--workdir", default=None, help="where data and results go (default: a temp dir)")
     parser.add_argument("--json", default=None, help="also write the JSON figures to this file")
     return parser.parse_args()
@@ -135,32 +138,36 @@ def speed_options(device):
     return options, default, {"default + torch.compile": dict(fused, compile_model=True)}
 
 
-def training_steps_per_s(image_set, results, device, timed_steps, amp, **speed):
+def build_trainer(image_set, results, device, amp, **speed):
+    """A Trainer of the handout's model on the decoded images, with the given speed options."""
     torch.manual_seed(0)
     diffusion = Diffusion(Unet(HANDOUT["unet_dim"]), image_size=HANDOUT["image_size"],
                           timesteps=HANDOUT["time_steps"])
     trainer = trainer_module.Trainer(diffusion, None, dataset=image_set, results_folder=results,
-                                     train_num_steps=timed_steps, device=device, **speed)
-    trainer.diffusion.train()
+                                     device=device, **speed)
     if not amp:
         trainer.amp_dtype = None
+    return trainer
+
+
+def training_steps_per_s(image_set, results, device, timed_steps, **options):
+    trainer = build_trainer(image_set, results, device, **options)
+    trainer.diffusion.train()
     for _ in range(10):  # warm-up, and torch.compile's compilation
         trainer._train_step()
     seconds, _ = timed(lambda: [trainer._train_step() for _ in range(timed_steps)], device)
-    return timed_steps / seconds, trainer
+    return timed_steps / seconds
 
 
 def time_training_options(options, image_set, results, device, args, figures):
-    """Record training steps/s for each option set; returns the trainers built, by option name."""
-    trainers = {}
+    """Record training steps/s for each option set."""
     for name, option in options.items():
         try:
-            steps_per_s, trainers[name] = training_steps_per_s(image_set, results / "speed", device,
-                                                               args.timed_steps, **option)
+            steps_per_s = training_steps_per_s(image_set, results / "speed", device,
+                                               args.timed_steps, **option)
             figures[f"train_steps_per_s[{name}]"] = round(steps_per_s, 2)
         except Exception as error:  # noqa: BLE001 - an option that fails here is a figure too
             figures[f"train_steps_per_s[{name}]"] = f"failed: {type(error).__name__}: {error}"[:200]
-    return trainers
 
 
 def sampling_images_per_s(trainer, device):
@@ -232,32 +239,45 @@ def run(args, workdir, figures):
     decode_s, image_set = timed(lambda: trainer_module.load_image_set(
         data_path, "cat", HANDOUT["image_size"], results / "cache", os.cpu_count()), device)
     figures["decode_once_s"] = round(decode_s, 1)
-    figures["pipeline_decode_every_step_img_per_s"] = round(
-        starter_pipeline_images_per_s(data_path, 40, device))
-    figures["pipeline_cached_tensor_img_per_s"] = round(cached_pipeline_images_per_s(image_set, 200, device))
+    sections = set(args.sections)
+    if "pipeline" in sections:
+        figures["pipeline_decode_every_step_img_per_s"] = round(
+            starter_pipeline_images_per_s(data_path, 40, device))
+        figures["pipeline_cached_tensor_img_per_s"] = round(
+            cached_pipeline_images_per_s(image_set, 200, device))
 
     quick_options, default, compiled_options = speed_options(device)
-    trainer = time_training_options(quick_options, image_set, results, device, args, figures)[default]
     figures["default_options"] = default
-    figures["sampling_img_per_s"] = round(sampling_images_per_s(trainer, device), 1)
+    if "training" in sections:
+        time_training_options(quick_options, image_set, results, device, args, figures)
+    if "sampling" in sections:
+        trainer = build_trainer(image_set, results / "speed", device, **quick_options[default])
+        figures["sampling_img_per_s"] = round(sampling_images_per_s(trainer, device), 1)
 
-    reference_count = args.fid_reference or len(image_set.reference)
-    recompute, cached = fid_seconds(image_set, results / "fid", device, reference_count)
-    figures["fid_reference_images"] = reference_count
-    figures["fid_recompute_reference_s"] = round(recompute, 2)
-    figures["fid_cached_reference_s"] = round(cached, 2)
+    if "fid" in sections:
+        reference_count = args.fid_reference or len(image_set.reference)
+        recompute, cached = fid_seconds(image_set, results / "fid", device, reference_count)
+        figures["fid_reference_images"] = reference_count
+        figures["fid_recompute_reference_s"] = round(recompute, 2)
+        figures["fid_cached_reference_s"] = round(cached, 2)
 
-    extractor = inception_sized_extractor(device)
+    if "parts" in sections:
+        time_parts(args, data_path, results, device, figures)
+    if "compile" in sections:
+        time_training_options(compiled_options, image_set, results, device, args, figures)
+    if args.part5:
+        figures["part5_s"] = round(part_seconds(data_path, results / "part5", 10000, 1000,
+                                                False, None), 1)
+
+
+def time_parts(args, data_path, results, device, figures):
+    """End-to-end wall time of Part 1 (no FID) and Part 2 (FID at every milestone)."""
     every = args.every or max(1, args.part_steps // 10)
     figures["part_steps"] = args.part_steps
     figures["part1_s"] = round(part_seconds(data_path, results / "part1", args.part_steps, every,
                                             False, None), 1)
     figures["part2_s"] = round(part_seconds(data_path, results / "part2", args.part_steps, every,
-                                            True, extractor), 1)
-    time_training_options(compiled_options, image_set, results, device, args, figures)
-    if args.part5:
-        figures["part5_s"] = round(part_seconds(data_path, results / "part5", 10000, 1000,
-                                                False, None), 1)
+                                            True, inception_sized_extractor(device)), 1)
 
 
 def print_table(figures):
