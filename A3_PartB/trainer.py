@@ -441,12 +441,12 @@ def default_device():
 
 
 def autocast_dtype(device):
-    """bf16 on GPUs that run it natively, fp16 (with a GradScaler) on older ones, none on CPU."""
+    """bf16 on GPUs that run it natively (compute capability 8.0, Ampere, and newer), fp16 (with
+    a GradScaler) on older ones such as Colab's T4, none on the CPU."""
     if device.type != "cuda":
         return None
-    if torch.cuda.is_bf16_supported(including_emulation=False):
-        return torch.bfloat16
-    return torch.float16
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
 
 
 def model_settings(diffusion_model):

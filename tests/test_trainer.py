@@ -320,6 +320,13 @@ def test_fused_accumulation_gives_the_gradient_of_accumulating_batch_by_batch():
         torch.testing.assert_close(fused_grad, parameter.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("capability, dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                               ((9, 0), torch.bfloat16)])
+def test_mixed_precision_is_fp16_on_a_t4_and_bf16_from_ampere_on(monkeypatch, capability, dtype):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert autocast_dtype(torch.device("cuda")) == dtype
+
+
 def test_mixed_precision_is_off_on_cpu(afhq, tmp_path):
     trainer = make_trainer(afhq, tmp_path)
     assert autocast_dtype(torch.device("cpu")) is None
