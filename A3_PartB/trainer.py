@@ -449,6 +449,13 @@ def autocast_dtype(device):
     return torch.bfloat16 if major >= 8 else torch.float16
 
 
+def adam(parameters, learning_rate, device):
+    """Adam, fused into one kernel per step on a GPU. Fused, it also lets a GradScaler (fp16, as
+    on a T4) skip an overflowing step on the GPU, where a plain Adam makes the host wait for
+    the overflow check at every step."""
+    return torch.optim.Adam(parameters, lr=learning_rate, fused=device.type == "cuda")
+
+
 def model_settings(diffusion_model):
     """The settings a checkpoint must share with the model it is loaded into."""
     unet = diffusion_model.model
@@ -554,7 +561,7 @@ class Trainer:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.diffusion.to(memory_format=self.memory_format)
         self.loss_function = torch.compile(self.diffusion) if compile_model else self.diffusion
-        self.optimizer = torch.optim.Adam(self.diffusion.parameters(), lr=learning_rate)
+        self.optimizer = adam(self.diffusion.parameters(), learning_rate, self.device)
         self.amp_dtype = autocast_dtype(self.device)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_dtype == torch.float16)

@@ -9,8 +9,8 @@ import torch
 import trainer as trainer_module
 from afhq_data import make_afhq_folder, part_b_environment  # noqa: F401 (autouse fixture)
 from diffusion import Diffusion
-from trainer import (AugmentedBatches, Trainer, WandbLogger, autocast_dtype, find_class_root,
-                     load_image_set)
+from trainer import (AugmentedBatches, Trainer, WandbLogger, adam, autocast_dtype,
+                     find_class_root, load_image_set)
 from unet import Unet
 from utils import write_synthetic_afhq
 
@@ -325,6 +325,13 @@ def test_fused_accumulation_gives_the_gradient_of_accumulating_batch_by_batch():
 def test_mixed_precision_is_fp16_on_a_t4_and_bf16_from_ampere_on(monkeypatch, capability, dtype):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert autocast_dtype(torch.device("cuda")) == dtype
+
+
+@pytest.mark.parametrize("device, fused", [("cuda", True), ("cpu", False)])
+def test_adam_is_fused_on_a_gpu_so_a_grad_scaler_needs_no_host_sync(device, fused):
+    optimizer = adam([torch.nn.Parameter(torch.zeros(3))], 1e-3, torch.device(device))
+    assert optimizer.defaults["fused"] is fused
+    assert getattr(optimizer, "_step_supports_amp_scaling", False) is fused
 
 
 def test_mixed_precision_is_off_on_cpu(afhq, tmp_path):
