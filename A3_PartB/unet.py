@@ -24,14 +24,13 @@ class SinusoidalTimeEmbedding(nn.Module):
         super().__init__()
         if dim % 2 or dim < 4:
             raise ValueError(f"the time embedding needs an even dim >= 4, got {dim}")
-        self.dim = dim
+        half = dim // 2
+        frequencies = torch.exp(torch.arange(half) * (-math.log(10000) / (half - 1)))
+        # computed once, not at every step; not persistent, so checkpoints do not change
+        self.register_buffer("frequencies", frequencies, persistent=False)
 
     def forward(self, time):
-        half = self.dim // 2
-        frequencies = torch.exp(
-            torch.arange(half, device=time.device) * (-math.log(10000) / (half - 1))
-        )
-        angles = time.float()[:, None] * frequencies[None, :]
+        angles = time.float()[:, None] * self.frequencies[None, :]
         return torch.cat((angles.sin(), angles.cos()), dim=-1)
 
 
