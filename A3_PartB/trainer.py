@@ -189,7 +189,8 @@ class AugmentedBatches:
     at 35x35 are 18 MB). Each batch takes random images (in file order when ``shuffle`` is off)
     and, in one gather, a random ``image_size`` crop of each, mirrored with probability 1/2: the
     starter's RandomCrop and RandomHorizontalFlip per image, which torchvision's transforms do
-    not do per sample of a batch tensor.
+    not do per sample of a batch tensor. All of it is device work, with no host sync and no
+    Python state, so a CUDA graph can capture it: even the file-order position is a tensor.
     """
 
     def __init__(self, images, image_size, batch_size, shuffle, device):
@@ -200,7 +201,7 @@ class AugmentedBatches:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.margin = images.shape[-1] - image_size
-        self.cursor = 0
+        self.position = torch.zeros((), dtype=torch.long, device=device)
         self.offsets = torch.arange(image_size, device=device)
         self.channels = torch.arange(images.shape[1], device=device).view(1, -1, 1, 1)
 
@@ -208,8 +209,8 @@ class AugmentedBatches:
         count = len(self.images)
         if self.shuffle:
             return torch.randint(count, (self.batch_size,), device=self.images.device)
-        indices = (self.cursor + torch.arange(self.batch_size, device=self.images.device)) % count
-        self.cursor = (self.cursor + self.batch_size) % count
+        indices = (self.position + torch.arange(self.batch_size, device=self.images.device)) % count
+        self.position.copy_((self.position + self.batch_size) % count)
         return indices
 
     def next_batch(self):
@@ -427,6 +428,56 @@ def show_in_notebook(path):
         display(NotebookImage(filename=str(path)))
 
 
+# ---------------------------------------------------------------- CUDA graph
+
+
+class CudaGraphed:
+    """``function()`` run as a CUDA graph: the first call captures it, later calls replay it.
+
+    The U-Net of the handout is so small that a GPU finishes each of its kernels sooner than
+    Python can launch the next one; replaying a captured graph launches the thousands of
+    kernels of a training step at once. ``function`` must be device work only, with no host
+    sync and no Python state that changes between calls. Its random draws still change at
+    every replay (PyTorch's graph-safe RNG), and its output tensor is overwritten by the next
+    replay. If the capture fails, a warning gives the reason and ``function`` runs eagerly.
+    """
+
+    WARMUP_CALLS = 3  # cuDNN and cuBLAS pick kernels and allocate workspaces before the capture
+
+    def __init__(self, function):
+        self.function = function
+        self.graph = None
+        self.output = None
+        self.failed = False
+
+    def __call__(self):
+        if self.failed:
+            return self.function()
+        if self.graph is None:
+            try:
+                self._capture()
+            except RuntimeError as error:
+                self.failed = True
+                warnings.warn(f"CUDA graph capture failed, so training goes on without it: {error}",
+                              stacklevel=2)
+                return self.function()
+        self.graph.replay()
+        return self.output
+
+    def _capture(self):
+        """Warm up on a side stream, then record one call of ``function`` on it."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(self.WARMUP_CALLS):
+                self.function()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            self.output = self.function()
+        self.graph = graph
+
+
 # ---------------------------------------------------------------- trainer
 
 
@@ -489,8 +540,9 @@ class Trainer:
     Beyond the starter's arguments: ``dataset`` an ``ImageSet`` to use instead of reading
     ``folder``; ``fid_feature_extractor`` replaces clean-fid's Inception (see ``FidScorer``);
     ``num_fid_samples`` (512, the course protocol); ``num_samples`` in the sample grid;
-    ``channels_last``, ``compile_model`` (``torch.compile``) and ``fused_accumulation`` (see
-    ``_train_step``) speed options; ``cache_folder`` for decoded images and FID statistics.
+    ``channels_last``, ``compile_model`` (``torch.compile``), ``fused_accumulation`` (see
+    ``_compute_gradients``) and ``cuda_graph`` (see ``CudaGraphed``; GPU only, and not with
+    ``compile_model``) speed options; ``cache_folder`` for decoded images and FID statistics.
     ``dataloader_workers`` caps the decoding threads and clean-fid's workers at the CPU count.
     """
 
@@ -500,7 +552,7 @@ class Trainer:
                  dataset=None, shuffle=True, data_class=None, device=None, fid=False,
                  dataloader_workers=16, fid_feature_extractor=None, num_fid_samples=512,
                  num_samples=25, log_every=10, channels_last=False, compile_model=False,
-                 fused_accumulation=True, cache_folder=None):
+                 fused_accumulation=True, cuda_graph=True, cache_folder=None):
         require_positive(train_batch_size=train_batch_size,
                          save_and_sample_every=save_and_sample_every,
                          gradient_accumulate_every=gradient_accumulate_every,
@@ -534,7 +586,7 @@ class Trainer:
         if fid:
             self.fid_scorer = self._make_fid_scorer(fid_feature_extractor, data_class,
                                                     dataloader_workers)
-        self._prepare_optimization(train_lr, channels_last, compile_model)
+        self._prepare_optimization(train_lr, channels_last, compile_model, cuda_graph)
         self.step = 0
         self.history = []
         if load_path is not None:
@@ -556,11 +608,14 @@ class Trainer:
                          self.results_folder / "fid_samples", self.device,
                          fid_worker_count(workers), feature_extractor)
 
-    def _prepare_optimization(self, learning_rate, channels_last, compile_model):
+    def _prepare_optimization(self, learning_rate, channels_last, compile_model, cuda_graph):
         """Adam, mixed precision (with a GradScaler for fp16) and the optional speed-ups."""
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.diffusion.to(memory_format=self.memory_format)
         self.loss_function = torch.compile(self.diffusion) if compile_model else self.diffusion
+        use_graph = cuda_graph and self.device.type == "cuda" and not compile_model
+        self.compute_gradients = (CudaGraphed(self._compute_gradients) if use_graph
+                                  else self._compute_gradients)
         self.optimizer = adam(self.diffusion.parameters(), learning_rate, self.device)
         self.amp_dtype = autocast_dtype(self.device)
         self.scaler = torch.amp.GradScaler(self.device.type,
@@ -594,17 +649,22 @@ class Trainer:
     # ------------------------------------------------------------ training
 
     def _autocast(self):
+        """Mixed precision, without autocast's weight cache, which a CUDA graph cannot hold
+        (and which saves nothing here: each weight is cast once per forward pass)."""
         return torch.autocast(self.device.type, dtype=self.amp_dtype,
-                              enabled=self.amp_dtype is not None)
+                              enabled=self.amp_dtype is not None, cache_enabled=False)
 
-    def _train_step(self):
-        """One optimizer step of Algorithm 1 on ``gradient_accumulate_every`` batches.
+    def _compute_gradients(self):
+        """The gradients of Algorithm 1's loss on ``gradient_accumulate_every`` batches.
 
         With fused accumulation the batches go through the model as one: the loss is a mean
         over images and GroupNorm normalises each image alone, so the gradient is the same as
         accumulating them one by one, for a fraction of the kernel launches.
+        The gradients are reset first rather than after the optimizer step, so that in a CUDA
+        graph each replay writes them anew into the tensors the optimizer reads.
         Returns the mean loss as a tensor on the device (reading it would stall the GPU).
         """
+        self.optimizer.zero_grad(set_to_none=True)
         total_loss = torch.zeros((), device=self.device)
         for _ in range(self.passes_per_step):
             x_0 = normalize_to_neg_one_to_one(self.batches.next_batch())
@@ -613,10 +673,16 @@ class Trainer:
             loss = loss / self.passes_per_step
             self.scaler.scale(loss).backward()
             total_loss += loss.detach()
+        return total_loss
+
+    def _train_step(self):
+        """One optimizer step of Algorithm 1; returns the mean loss as a tensor on the device,
+        valid until the next step. The gradients may come from a CUDA graph (``CudaGraphed``);
+        the optimizer step stays outside it, as PyTorch advises for a GradScaler."""
+        loss = self.compute_gradients()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total_loss
+        return loss
 
     def train(self):
         """Train from ``self.step`` up to ``train_num_steps``; Ctrl-C saves and returns."""

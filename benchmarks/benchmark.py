@@ -127,15 +127,18 @@ def cached_pipeline_images_per_s(image_set, batches, device):
 def speed_options(device):
     """The option sets to time, each adding one option to the one before; torch.compile's
     minutes of compilation come last, so that a run cut short still has every other figure."""
-    unfused = dict(amp=False, fused_accumulation=False)
-    fused = dict(amp=False, fused_accumulation=True)
-    options = {"baseline: fp32, accumulation batch by batch": unfused, "+ fused accumulation": fused}
+    additions = [("baseline: fp32, accumulation batch by batch",
+                  dict(amp=False, fused_accumulation=False, cuda_graph=False)),
+                 ("+ fused accumulation", dict(fused_accumulation=True))]
     if device.type == "cuda":
-        fused = dict(fused, amp=True)
-        options["+ mixed precision"] = fused
-    default = list(options)[-1]  # what the Trainer does by default on this device
-    options["+ channels_last"] = dict(fused, channels_last=True)
-    return options, default, {"default + torch.compile": dict(fused, compile_model=True)}
+        additions += [("+ mixed precision", dict(amp=True)), ("+ CUDA graph", dict(cuda_graph=True))]
+    default = additions[-1][0]  # what the Trainer does by default on this device
+    additions.append(("+ channels_last", dict(channels_last=True)))
+    options, current = {}, {}
+    for name, addition in additions:
+        current = {**current, **addition}
+        options[name] = current
+    return options, default, {"default + torch.compile": dict(options[default], compile_model=True)}
 
 
 def build_trainer(image_set, results, device, amp, **speed):
@@ -150,22 +153,31 @@ def build_trainer(image_set, results, device, amp, **speed):
     return trainer
 
 
-def training_steps_per_s(image_set, results, device, timed_steps, **options):
+def training_speed(image_set, results, device, timed_steps, **options):
+    """(steps/s, mean loss of the timed steps): the loss, the same for every option set up to
+    round-off and sampling noise, shows that an option speeds the training up without changing it."""
     trainer = build_trainer(image_set, results, device, **options)
     trainer.diffusion.train()
-    for _ in range(10):  # warm-up, and torch.compile's compilation
+    for _ in range(10):  # warm-up: cuDNN's choices, the CUDA graph's capture, torch.compile
         trainer._train_step()
-    seconds, _ = timed(lambda: [trainer._train_step() for _ in range(timed_steps)], device)
-    return timed_steps / seconds
+    loss_sum = torch.zeros((), device=device)
+
+    def train():
+        for _ in range(timed_steps):
+            loss_sum.add_(trainer._train_step())
+
+    seconds, _ = timed(train, device)
+    return timed_steps / seconds, loss_sum.item() / timed_steps
 
 
 def time_training_options(options, image_set, results, device, args, figures):
-    """Record training steps/s for each option set."""
+    """Record training steps/s and the mean loss for each option set."""
     for name, option in options.items():
         try:
-            steps_per_s = training_steps_per_s(image_set, results / "speed", device,
+            steps_per_s, loss = training_speed(image_set, results / "speed", device,
                                                args.timed_steps, **option)
             figures[f"train_steps_per_s[{name}]"] = round(steps_per_s, 2)
+            figures[f"train_loss[{name}]"] = round(loss, 4)
         except Exception as error:  # noqa: BLE001 - an option that fails here is a figure too
             figures[f"train_steps_per_s[{name}]"] = f"failed: {type(error).__name__}: {error}"[:200]
 

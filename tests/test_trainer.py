@@ -1,4 +1,5 @@
 """Trainer: data pipeline, training loop, checkpoints, figures, visualisation and wandb."""
+import contextlib
 import csv
 import sys
 import types
@@ -9,7 +10,7 @@ import torch
 import trainer as trainer_module
 from afhq_data import make_afhq_folder, part_b_environment  # noqa: F401 (autouse fixture)
 from diffusion import Diffusion
-from trainer import (AugmentedBatches, Trainer, WandbLogger, adam, autocast_dtype,
+from trainer import (AugmentedBatches, CudaGraphed, Trainer, WandbLogger, adam, autocast_dtype,
                      find_class_root, load_image_set)
 from unet import Unet
 from utils import write_synthetic_afhq
@@ -167,6 +168,13 @@ def test_crop_offsets_cover_the_margin():
     assert set(left_edges.tolist()) == {0.0, 1.0, 2.0}
 
 
+def test_unshuffled_batches_follow_file_order_and_wrap_around():
+    images = torch.arange(5, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 18, 18).clone()
+    batches = AugmentedBatches(images, IMAGE_SIZE, 3, False, "cpu")
+    drawn = [(batches.next_batch()[:, 0, 0, 0] * 255).round().tolist() for _ in range(3)]
+    assert drawn == [[0.0, 1.0, 2.0], [3.0, 4.0, 0.0], [1.0, 2.0, 3.0]]
+
+
 def test_first_batch_is_centre_crop_in_file_order():
     images = torch.arange(5, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 18, 18).clone()
     images[:, :, 1, 1] = 200  # inside the centre crop (rows and columns 1..16)
@@ -318,6 +326,66 @@ def test_fused_accumulation_gives_the_gradient_of_accumulating_batch_by_batch():
         (diffusion.p_losses(x_0[half], t[half], noise[half]) / 2).backward()
     for fused_grad, parameter in zip(fused, diffusion.parameters()):
         torch.testing.assert_close(fused_grad, parameter.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_each_step_computes_its_gradients_afresh(afhq, tmp_path, monkeypatch):
+    trainer = make_trainer(afhq, tmp_path)
+    weight = trainer.diffusion.model.final_conv.bias
+    monkeypatch.setattr(trainer, "loss_function", lambda x_0: (weight * 3).sum())
+    trainer._compute_gradients()
+    trainer._compute_gradients()
+    assert torch.equal(weight.grad, torch.full_like(weight, 3.0))
+
+
+def test_cpu_training_is_not_captured_in_a_cuda_graph(afhq, tmp_path):
+    trainer = make_trainer(afhq, tmp_path, cuda_graph=True)
+    assert not isinstance(trainer.compute_gradients, CudaGraphed)
+
+
+class FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on a machine without a GPU: counts replays."""
+
+    def __init__(self):
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+
+
+@pytest.fixture
+def fake_cuda_graphs(monkeypatch):
+    """torch.cuda's streams and graphs replaced by fakes; returns the graphs made."""
+    graphs = []
+    stream = types.SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: graphs.append(FakeGraph()) or graphs[-1])
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, stream: contextlib.nullcontext())
+    return graphs
+
+
+def test_cuda_graph_captures_after_warm_up_then_only_replays(fake_cuda_graphs):
+    calls = []
+    graphed = CudaGraphed(lambda: calls.append(1) or torch.tensor(float(len(calls))))
+    outputs = [graphed() for _ in range(3)]
+    assert len(calls) == CudaGraphed.WARMUP_CALLS + 1
+    assert len(fake_cuda_graphs) == 1 and fake_cuda_graphs[0].replays == 3
+    assert all(output is outputs[0] for output in outputs)
+    assert outputs[0].item() == CudaGraphed.WARMUP_CALLS + 1
+
+
+def test_failed_cuda_graph_capture_warns_and_runs_eagerly(monkeypatch):
+    def no_capture():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "Stream", no_capture)
+    calls = []
+    graphed = CudaGraphed(lambda: calls.append(1) or torch.tensor(float(len(calls))))
+    with pytest.warns(UserWarning, match="CUDA graph capture failed.*not permitted"):
+        first = graphed()
+    second = graphed()
+    assert (first.item(), second.item()) == (1.0, 2.0)
 
 
 @pytest.mark.parametrize("capability, dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
