@@ -6,6 +6,7 @@ import types
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import trainer as trainer_module
 from afhq_data import make_afhq_folder, part_b_environment  # noqa: F401 (autouse fixture)
@@ -335,6 +336,31 @@ def test_each_step_computes_its_gradients_afresh(afhq, tmp_path, monkeypatch):
     trainer._compute_gradients()
     trainer._compute_gradients()
     assert torch.equal(weight.grad, torch.full_like(weight, 3.0))
+
+
+class RecordedOps(TorchDispatchMode):
+    """Records the name of every aten op run, the backward pass's included."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+        self.names.add(str(op.overloadpacket))
+        return op(*args, **(kwargs or {}))
+
+
+HOST_SYNC_OPS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.equal",
+                 "aten.is_nonzero", "aten._unique2", "aten.repeat_interleave"}
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_gradient_computation_never_waits_for_the_device(afhq, tmp_path, shuffle):
+    trainer = make_trainer(afhq, tmp_path, shuffle=shuffle, gradient_accumulate_every=2)
+    with RecordedOps() as recorded:
+        trainer._compute_gradients()
+    assert "aten.convolution_backward" in recorded.names  # the backward pass was seen
+    assert not recorded.names & HOST_SYNC_OPS
 
 
 def test_cpu_training_is_not_captured_in_a_cuda_graph(afhq, tmp_path):
