@@ -224,6 +224,20 @@ def test_metrics_csv_and_loss_plot_are_written(afhq, tmp_path):
     assert not (tmp_path / "fid.png").exists()
 
 
+def test_files_are_written_only_at_milestones(afhq, tmp_path, monkeypatch):
+    trainer = make_trainer(afhq, tmp_path, train_num_steps=6, save_and_sample_every=3, log_every=1)
+    write_steps = []
+    atomic_write = trainer_module.atomic_write
+
+    def recorded_write(path, write):
+        write_steps.append(trainer.step)
+        atomic_write(path, write)
+
+    monkeypatch.setattr(trainer_module, "atomic_write", recorded_write)
+    trainer.train()
+    assert write_steps and set(write_steps) == {3, 6}
+
+
 def test_checkpoint_is_written_atomically(afhq, tmp_path, monkeypatch):
     trainer = make_trainer(afhq, tmp_path)
     trainer.save()
