@@ -139,7 +139,8 @@ def speed_options(device):
     for name, addition in additions:
         current = {**current, **addition}
         options[name] = current
-    return options, default, {"default + torch.compile": dict(options[default], compile_model=True)}
+    compiled = dict(options[default], compile_model=True, cuda_graph=False)  # the Trainer uses one
+    return options, default, {"default + torch.compile": compiled}
 
 
 def build_trainer(image_set, results, device, amp, **speed):
