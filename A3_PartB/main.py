@@ -16,13 +16,13 @@ from utils import run_demo, train_diffusion, visualize_diffusion
 def build_parser():
     """Flags and defaults of the handout's tables 1-3."""
     parser = argparse.ArgumentParser(description="Train or visualize a DDPM on AFHQ.")
-    parser.add_argument("--train_steps", type=int, default=1000,
+    parser.add_argument("--train_steps", type=int, default=10000,
                         help="training iterations (Part 1-2: 1000, Part 5: 10000)")
-    parser.add_argument("--save_and_sample_every", type=int, default=100,
+    parser.add_argument("--save_and_sample_every", type=int, default=1000,
                         help="steps between checkpoints, sample grids and FID")
     parser.add_argument("--fid", action="store_true", help="compute FID at every save (Part 2)")
-    parser.add_argument("--save_folder", default="./results/", help="where outputs go")
-    parser.add_argument("--data_path", default="./data/train",
+    parser.add_argument("--save_folder", default="./results", help="where outputs go")
+    parser.add_argument("--data_path", default="./data/train/",
                         help="folder holding cat/ dog/ wild/ (or the dataset root above it)")
     parser.add_argument("--load_path", default=None,
                         help="checkpoint to resume or visualize "

@@ -1,12 +1,17 @@
 """Training of the DDPM in diffusion.py: data, the loop of Algorithm 1, checkpoints, FID, figures.
 
+This file is provided by the course's starter, and keeps its contract (``Trainer``'s arguments,
+attributes and output names): it uses diffusion.py only through the skeleton's interface, so any
+correct student diffusion.py runs in it. The engineering is ours:
+
 Data: the images of ``folder/{data_class}/*.{jpg,jpeg,png}`` are decoded and resized once, stacked
 into uint8 tensors, cached on disk (``~/.cache/a3_ddpm``) and kept on the training device. Batches are
 drawn, cropped and flipped there, so no DataLoader worker decodes 512x512 PNGs while training.
-The augmentation is the starter's: resize to ``int(1.12 * image_size)``, random ``image_size``
-crop, random horizontal flip; pixels are normalised to [-1, 1] right before the model sees them.
+The augmentation (``dataset="train"``) is the starter's: resize to ``int(1.12 * image_size)``,
+random ``image_size`` crop, random horizontal flip; otherwise a centre crop. Pixels are mapped to
+[-1, 1] right before the model sees them, and back to [0, 1] for pictures.
 
-Outputs in ``results_folder``: ``model.pt`` (checkpoint), ``sample_step_<step>.png``,
+Outputs in ``results_folder``: ``model.pt`` (checkpoint), ``sample_{milestone}.png``,
 ``loss.png``, ``fid.png`` (with FID on), ``metrics.csv``, ``forward_diffusion.png`` and
 ``backward_diffusion.png`` (``visualize_diffusion``). Decoded images and FID reference
 statistics go to ``cache_folder`` (default ``~/.cache/a3_ddpm``), shared by all results folders.
@@ -20,7 +25,6 @@ import multiprocessing
 import netrc
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -35,8 +39,6 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
-
-from diffusion import normalize_to_neg_one_to_one, unnormalize_to_zero_to_one
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 CROP_MARGIN = 1.12  # the starter resizes to 1.12 x image_size, then crops image_size at random
@@ -69,6 +71,16 @@ def atomic_write(path, write):
         temporary.unlink(missing_ok=True)
 
 
+def to_model_range(images):
+    """Map images from [0, 1] to the model's range [-1, 1]."""
+    return images * 2 - 1
+
+
+def to_image_range(x):
+    """Map the model's images back to [0, 1], clamping what the process left outside [-1, 1]."""
+    return ((x + 1) / 2).clamp(0, 1)
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -84,6 +96,9 @@ class ImageSet:
     train: torch.Tensor
     reference: torch.Tensor
     key: str
+
+    def __len__(self):
+        return len(self.train)
 
 
 def find_class_root(folder):
@@ -182,24 +197,26 @@ def load_image_set(folder, data_class, image_size, cache_folder, workers=1):
     return ImageSet(train, reference, key)
 
 
-class AugmentedBatches:
-    """Endless training batches drawn, cropped and flipped on the training device.
+class DeviceBatches:
+    """Endless training batches drawn, cropped and (with ``augment``) flipped on the device.
 
     The uint8 images (N, 3, S', S'), S' = int(1.12 * image_size), live on the device (5,000 cats
     at 35x35 are 18 MB). Each batch takes random images (in file order when ``shuffle`` is off)
-    and, in one gather, a random ``image_size`` crop of each, mirrored with probability 1/2: the
-    starter's RandomCrop and RandomHorizontalFlip per image, which torchvision's transforms do
-    not do per sample of a batch tensor. All of it is device work, with no host sync and no
-    Python state, so a CUDA graph can capture it: even the file-order position is a tensor.
+    and, in one gather, an ``image_size`` crop of each: with ``augment`` a random crop, mirrored
+    with probability 1/2 (the starter's RandomCrop and RandomHorizontalFlip per image, which
+    torchvision's transforms do not do per sample of a batch tensor), else the centre crop (its
+    CenterCrop). All of it is device work, with no host sync and no Python state, so a CUDA
+    graph can capture it: even the file-order position is a tensor.
     """
 
-    def __init__(self, images, image_size, batch_size, shuffle, device):
+    def __init__(self, images, image_size, batch_size, shuffle, device, augment=True):
         if images.shape[-1] < image_size:
             raise ValueError(f"Images of {images.shape[-1]} px cannot be cropped to {image_size}.")
         self.images = images.to(device)
         self.image_size = image_size
         self.batch_size = batch_size
         self.shuffle = shuffle
+        self.augment = augment
         self.margin = images.shape[-1] - image_size
         self.position = torch.zeros((), dtype=torch.long, device=device)
         self.offsets = torch.arange(image_size, device=device)
@@ -213,15 +230,22 @@ class AugmentedBatches:
         self.position.copy_((self.position + self.batch_size) % count)
         return indices
 
+    def _crop_windows(self, count):
+        """Rows and columns (count, image_size) of each image's crop, mirrored where flipped."""
+        shape = (count, 1)
+        device = self.images.device
+        if not self.augment:
+            centre = self.offsets + self.margin // 2
+            return centre.expand(count, -1), centre.expand(count, -1)
+        top = torch.randint(self.margin + 1, shape, device=device)
+        left = torch.randint(self.margin + 1, shape, device=device)
+        mirrored = torch.rand(shape, device=device) < 0.5
+        return top + self.offsets, left + torch.where(mirrored, self.offsets.flip(0), self.offsets)
+
     def next_batch(self):
         """A float batch (B, 3, image_size, image_size) in [0, 1]."""
         indices = self._indices()
-        shape = (len(indices), 1)
-        top = torch.randint(self.margin + 1, shape, device=self.images.device)
-        left = torch.randint(self.margin + 1, shape, device=self.images.device)
-        mirrored = torch.rand(shape, device=self.images.device) < 0.5
-        rows = top + self.offsets
-        columns = left + torch.where(mirrored, self.offsets.flip(0), self.offsets)
+        rows, columns = self._crop_windows(len(indices))
         crops = self.images[indices.view(-1, 1, 1, 1), self.channels,
                             rows[:, None, :, None], columns[:, None, None, :]]
         return crops.float() / 255
@@ -231,6 +255,12 @@ class AugmentedBatches:
         start = self.margin // 2
         window = slice(start, start + self.image_size)
         return self.images[:count, :, window, window].float() / 255
+
+
+def endless_batches(batches):
+    """The starter's ``Trainer.dl``: an endless iterator of training batches in [-1, 1]."""
+    while True:
+        yield to_model_range(batches.next_batch())
 
 
 # ---------------------------------------------------------------- FID
@@ -343,18 +373,13 @@ def wandb_key_available():
         return False
 
 
-def stdin_is_interactive():
-    try:
-        return sys.stdin.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
 class WandbLogger:
-    """A wandb run (project DDPM_AFHQ) that never blocks and never breaks training.
+    """A wandb run (project DDPM_AFHQ, named after the results folder, as the starter's) that
+    never blocks and never breaks training.
 
-    WANDB_MODE is respected. Without it, with no API key and no terminal to ask for one, the run
-    is offline (sync it later with ``wandb sync``). A missing or failing wandb only warns.
+    WANDB_MODE is respected. Without it and without an API key the run is offline (sync it later
+    with ``wandb sync``): wandb never stops at its login question, in a terminal or not.
+    A missing or failing wandb only warns.
     """
 
     def __init__(self, config, folder):
@@ -366,13 +391,13 @@ class WandbLogger:
             print("wandb is not installed: metrics go to metrics.csv and the PNG figures only.")
             return
         mode = None
-        if ("WANDB_MODE" not in os.environ and not wandb_key_available()
-                and not stdin_is_interactive()):
+        if "WANDB_MODE" not in os.environ and not wandb_key_available():
             mode = "offline"
-            print("wandb: no API key (WANDB_API_KEY or `wandb login`) and no terminal to ask for "
-                  "one, so logging offline; set WANDB_MODE=disabled to turn wandb off.")
+            print("wandb: no API key, so logging offline (run `wandb login` once to log online; "
+                  "WANDB_MODE=disabled turns wandb off).")
         try:
-            self.run = wandb.init(project=WANDB_PROJECT, config=config, mode=mode,
+            self.run = wandb.init(project=WANDB_PROJECT, name=Path(folder).resolve().name,
+                                  config=config, mode=mode,
                                   dir=os.environ.get("WANDB_DIR", str(folder)))
             self.wandb = wandb
         except Exception as error:  # noqa: BLE001 - logging is optional, training must go on
@@ -488,12 +513,17 @@ def default_cache_folder():
 
 
 def default_device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The starter's choice: CUDA, else Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 def autocast_dtype(device):
     """bf16 on GPUs that run it natively (compute capability 8.0, Ampere, and newer), fp16 (with
-    a GradScaler) on older ones such as Colab's T4, none on the CPU."""
+    a GradScaler) on older ones such as Colab's T4, none on the CPU or MPS."""
     if device.type != "cuda":
         return None
     major, _ = torch.cuda.get_device_capability(device)
@@ -507,6 +537,16 @@ def adam(parameters, learning_rate, device):
     return torch.optim.Adam(parameters, lr=learning_rate, fused=device.type == "cuda")
 
 
+def move_to_device(diffusion_model, device):
+    """``diffusion_model.to(device)``, and also the schedule tensors that a diffusion.py keeps as
+    plain attributes rather than buffers (the skeleton allows it), which ``.to`` leaves behind."""
+    diffusion_model.to(device)
+    for name, value in list(vars(diffusion_model).items()):
+        if isinstance(value, torch.Tensor):
+            setattr(diffusion_model, name, value.to(device))
+    return diffusion_model
+
+
 def model_settings(diffusion_model):
     """The settings a checkpoint must share with the model it is loaded into."""
     unet = diffusion_model.model
@@ -516,12 +556,51 @@ def model_settings(diffusion_model):
 
 
 def check_settings(saved, current, path):
-    """Raise ValueError naming every setting where the checkpoint differs from the model."""
+    """Raise ValueError naming every setting where the checkpoint differs from the model.
+
+    A starter checkpoint records no settings; its weights are checked when they are loaded.
+    """
     mismatched = [f"{key}: checkpoint {saved.get(key)!r}, model {value!r}"
-                  for key, value in current.items() if saved.get(key) != value]
+                  for key, value in current.items() if saved and saved.get(key) != value]
     if mismatched:
         raise ValueError(f"Checkpoint {path} does not match the model ({'; '.join(mismatched)}). "
                          "Build the model with the checkpoint's settings or train a new one.")
+
+
+def read_checkpoint(path, device):
+    """The dict saved by ``Trainer.save`` (ours or the starter's) at ``path``, on ``device``.
+
+    Raises FileNotFoundError when there is no file, ValueError when it is not such a checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path}: train first, or pass load_path=None.")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch.load raises many kinds for a bad file
+        raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__}); it may be "
+                         "truncated or another kind of file. Pass a model.pt written by training."
+                         ) from None
+    if not isinstance(checkpoint, dict) or not {"step", "model"} <= checkpoint.keys():
+        raise ValueError(f"{path} is not a training checkpoint (it has no 'step' and 'model'). "
+                         "Pass a model.pt written by training.")
+    return checkpoint
+
+
+def load_network_weights(diffusion_model, state_dict, path):
+    """Load the U-Net's weights (the ``model.*`` entries) of a Diffusion state_dict.
+
+    Schedule buffers that a diffusion.py may have saved are skipped: they follow from T.
+    """
+    prefix = "model."
+    weights = {key[len(prefix):]: value for key, value in state_dict.items()
+               if key.startswith(prefix)}
+    try:
+        diffusion_model.model.load_state_dict(weights)
+    except RuntimeError as error:
+        reasons = " ".join(line.strip() for line in str(error).splitlines()[1:3])
+        raise ValueError(f"The weights in {path} do not fit this U-Net: {reasons} Use the "
+                         "unet_dim and unet_dim_mults it was trained with.") from None
 
 
 def require_positive(**values):
@@ -533,11 +612,16 @@ def require_positive(**values):
 class Trainer:
     """Trains a Diffusion model (Algorithm 1) on the images of ``folder`` and evaluates it.
 
+    The starter's arguments and attributes: ``model`` (the Diffusion), ``ds`` (the images),
+    ``dl`` (endless batches in [-1, 1]), ``opt`` (Adam), ``step`` (steps done), ``batch_size``,
+    ``image_size``, ``gradient_accumulate_every``, ``train_num_steps``, ``save_and_sample_every``,
+    ``results_folder``, ``fid``, ``device``; ``dataset="train"`` turns augmentation on.
     Every ``save_and_sample_every`` steps and at the end: the checkpoint ``model.pt``, a sample
-    grid, ``loss.png`` and ``metrics.csv`` (plus ``fid.png`` with ``fid=True``). The loss is
-    averaged on the device and read every ``log_every`` steps (the bar, wandb and the CSV).
+    grid ``sample_{milestone}.png``, ``loss.png`` and ``metrics.csv`` (plus ``fid.png`` with
+    ``fid=True``). The loss of every step is logged, read from the device every ``log_every``
+    steps.
 
-    Beyond the starter's arguments: ``dataset`` an ``ImageSet`` to use instead of reading
+    Beyond the starter's arguments: ``image_set`` an ``ImageSet`` to use instead of reading
     ``folder``; ``fid_feature_extractor`` replaces clean-fid's Inception (see ``FidScorer``);
     ``num_fid_samples`` (512, the course protocol); ``num_samples`` in the sample grid;
     ``channels_last``, ``compile_model`` (``torch.compile``), ``fused_accumulation`` (see
@@ -546,13 +630,14 @@ class Trainer:
     ``dataloader_workers`` caps the decoding threads and clean-fid's workers at the CPU count.
     """
 
-    def __init__(self, diffusion_model, folder, *, image_size=32, train_batch_size=32,
-                 train_lr=1e-3, train_num_steps=10000, gradient_accumulate_every=2,
-                 save_and_sample_every=1000, results_folder="./results", load_path=None,
-                 dataset=None, shuffle=True, data_class=None, device=None, fid=False,
-                 dataloader_workers=16, fid_feature_extractor=None, num_fid_samples=512,
-                 num_samples=25, log_every=10, channels_last=False, compile_model=False,
-                 fused_accumulation=True, cuda_graph=True, cache_folder=None):
+    def __init__(self, diffusion_model, folder, *, dataloader_workers=16, image_size=32,
+                 train_batch_size=32, train_lr=1e-3, train_num_steps=10000,
+                 gradient_accumulate_every=2, save_and_sample_every=1000,
+                 results_folder="./results", load_path=None, dataset=None, shuffle=True,
+                 data_class=None, device=None, fid=False, image_set=None,
+                 fid_feature_extractor=None, num_fid_samples=512, num_samples=25, log_every=10,
+                 channels_last=False, compile_model=False, fused_accumulation=True,
+                 cuda_graph=True, cache_folder=None):
         require_positive(train_batch_size=train_batch_size,
                          save_and_sample_every=save_and_sample_every,
                          gradient_accumulate_every=gradient_accumulate_every,
@@ -562,13 +647,18 @@ class Trainer:
             raise ValueError(f"image_size={image_size} but the model makes "
                              f"{diffusion_model.image_size}px images; pass the same size to both.")
         self.device = torch.device(device) if device is not None else default_device()
-        self.diffusion = diffusion_model.to(self.device)
+        self.model = move_to_device(diffusion_model, self.device)
         self.settings = model_settings(diffusion_model)
+        self.image_size = image_size
+        self.batch_size = train_batch_size
         self.train_num_steps = train_num_steps
         self.gradient_accumulate_every = gradient_accumulate_every
         self.passes_per_step = 1 if fused_accumulation else gradient_accumulate_every
-        self.cache_folder = Path(cache_folder) if cache_folder is not None else default_cache_folder()
         self.save_and_sample_every = save_and_sample_every
+        self.data_class = data_class
+        self.fid = fid
+        self.train_folder = folder
+        self.cache_folder = Path(cache_folder) if cache_folder is not None else default_cache_folder()
         self.log_every = log_every
         self.num_samples = num_samples
         self.num_fid_samples = num_fid_samples
@@ -577,74 +667,76 @@ class Trainer:
         self.checkpoint_path = self.results_folder / "model.pt"
         self.config = {**self.settings, "data_class": data_class, "batch_size": train_batch_size,
                        "learning_rate": train_lr, "train_num_steps": train_num_steps, "fid": fid}
-
-        images_per_pass = train_batch_size * gradient_accumulate_every // self.passes_per_step
-        self._prepare_data(folder, dataset, data_class, images_per_pass, shuffle,
-                           dataloader_workers)
-        self.first_batch_size = train_batch_size
-        self.fid_scorer = None
-        if fid:
-            self.fid_scorer = self._make_fid_scorer(fid_feature_extractor, data_class,
-                                                    dataloader_workers)
         self._prepare_optimization(train_lr, channels_last, compile_model, cuda_graph)
         self.step = 0
         self.history = []
         if load_path is not None:
-            self.load(load_path)
+            self.load(load_path)  # before the data, so a bad checkpoint fails before decoding
 
-    def _prepare_data(self, folder, dataset, data_class, batch_size, shuffle, workers):
-        """Decoded images (from ``dataset`` or the cache of ``folder``) and their batches."""
+        images_per_pass = train_batch_size * gradient_accumulate_every // self.passes_per_step
+        self._prepare_data(image_set, images_per_pass, shuffle, augment=dataset == "train",
+                           workers=dataloader_workers)
+        self.fid_scorer = None
+        if fid:
+            self.fid_scorer = self._make_fid_scorer(fid_feature_extractor, dataloader_workers)
+
+    def _prepare_data(self, image_set, batch_size, shuffle, augment, workers):
+        """Decoded images (``image_set``, or the cache of ``train_folder``) and their batches."""
         decode_threads = max(1, min(workers, os.cpu_count() or 1))
-        self.images = dataset if dataset is not None else load_image_set(
-            folder, data_class, self.diffusion.image_size, self.cache_folder,
+        self.ds = image_set if image_set is not None else load_image_set(
+            self.train_folder, self.data_class, self.image_size, self.cache_folder,
             decode_threads)
-        self.batches = AugmentedBatches(self.images.train, self.diffusion.image_size, batch_size,
-                                        shuffle, self.device)
+        print(f"dataset length: {len(self.ds)}, dataset class: {self.data_class}")
+        self.batches = DeviceBatches(self.ds.train, self.image_size, batch_size, shuffle,
+                                     self.device, augment)
+        self.dl = endless_batches(self.batches)
 
-    def _make_fid_scorer(self, feature_extractor, data_class, workers):
-        name = (f"fid_{extractor_name(feature_extractor)}_{data_class or 'all'}_"
-                f"{self.diffusion.image_size}px_{self.images.key}.npz")
-        return FidScorer(self.images.reference, self.cache_folder / name,
+    def _make_fid_scorer(self, feature_extractor, workers):
+        name = (f"fid_{extractor_name(feature_extractor)}_{self.data_class or 'all'}_"
+                f"{self.image_size}px_{self.ds.key}.npz")
+        return FidScorer(self.ds.reference, self.cache_folder / name,
                          self.results_folder / "fid_samples", self.device,
                          fid_worker_count(workers), feature_extractor)
 
     def _prepare_optimization(self, learning_rate, channels_last, compile_model, cuda_graph):
         """Adam, mixed precision (with a GradScaler for fp16) and the optional speed-ups."""
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.diffusion.to(memory_format=self.memory_format)
-        self.loss_function = torch.compile(self.diffusion) if compile_model else self.diffusion
+        self.model.to(memory_format=self.memory_format)
+        self.loss_function = torch.compile(self.model) if compile_model else self.model
         use_graph = cuda_graph and self.device.type == "cuda" and not compile_model
         self.compute_gradients = (CudaGraphed(self._compute_gradients) if use_graph
                                   else self._compute_gradients)
-        self.optimizer = adam(self.diffusion.parameters(), learning_rate, self.device)
+        self.opt = adam(self.model.parameters(), learning_rate, self.device)
         self.amp_dtype = autocast_dtype(self.device)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_dtype == torch.float16)
 
     # ------------------------------------------------------------ checkpoints
 
-    def save(self):
-        """Write model, optimizer, scaler, step, settings and metric history to model.pt."""
-        checkpoint = {"model": self.diffusion.state_dict(),
-                      "optimizer": self.optimizer.state_dict(),
-                      "scaler": self.scaler.state_dict(), "step": self.step,
+    def save(self, itrs=None):
+        """Write ``model.pt`` (or ``model_{itrs}.pt``): the starter's ``{"step", "model"}`` plus
+        the optimizer, the scaler, the settings and the metric history, atomically."""
+        checkpoint = {"step": self.step, "model": self.model.state_dict(),
+                      "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
                       "settings": self.settings, "history": self.history}
-        atomic_write(self.checkpoint_path, lambda file: torch.save(checkpoint, file))
+        name = "model.pt" if itrs is None else f"model_{itrs}.pt"
+        atomic_write(self.results_folder / name, lambda file: torch.save(checkpoint, file))
 
-    def load(self, path):
-        """Resume from a checkpoint of ``save``: weights, optimizer, scaler, step and history."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"No checkpoint at {path}: train first, or pass load_path=None.")
-        checkpoint = torch.load(path, map_location=self.device, weights_only=True)
-        check_settings(checkpoint["settings"], self.settings, path)
-        self.diffusion.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint["scaler"]:
+    def load(self, load_path):
+        """Resume from a checkpoint of ``save`` (weights, optimizer, scaler, step and history)
+        or of the starter's trainer (step and weights: the optimizer starts afresh)."""
+        checkpoint = read_checkpoint(load_path, self.device)
+        check_settings(checkpoint.get("settings"), self.settings, load_path)
+        load_network_weights(self.model, checkpoint["model"], load_path)
+        if "optimizer" in checkpoint:
+            self.opt.load_state_dict(checkpoint["optimizer"])
+        else:
+            print(f"{load_path} holds no optimizer state (a starter checkpoint): "
+                  "Adam starts afresh.")
+        if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.step = checkpoint["step"]
-        self.history = checkpoint["history"]
+        self.history = checkpoint.get("history", [])
 
     # ------------------------------------------------------------ training
 
@@ -657,6 +749,7 @@ class Trainer:
     def _compute_gradients(self):
         """The gradients of Algorithm 1's loss on ``gradient_accumulate_every`` batches.
 
+        As in the starter, the noise is drawn here and the loss is ``model(x_0, noise)``.
         With fused accumulation the batches go through the model as one: the loss is a mean
         over images and GroupNorm normalises each image alone, so the gradient is the same as
         accumulating them one by one, for a fraction of the kernel launches.
@@ -664,87 +757,117 @@ class Trainer:
         graph each replay writes them anew into the tensors the optimizer reads.
         Returns the mean loss as a tensor on the device (reading it would stall the GPU).
         """
-        self.optimizer.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         total_loss = torch.zeros((), device=self.device)
         for _ in range(self.passes_per_step):
-            x_0 = normalize_to_neg_one_to_one(self.batches.next_batch())
+            x_0 = next(self.dl).contiguous(memory_format=self.memory_format)
+            noise = torch.randn_like(x_0)  # Algorithm 1, line 4
             with self._autocast():
-                loss = self.loss_function(x_0.contiguous(memory_format=self.memory_format))
-            loss = loss / self.passes_per_step
+                loss = self.loss_function(x_0, noise).mean() / self.passes_per_step
             self.scaler.scale(loss).backward()
             total_loss += loss.detach()
         return total_loss
 
     def _train_step(self):
-        """One optimizer step of Algorithm 1; returns the mean loss as a tensor on the device,
-        valid until the next step. The gradients may come from a CUDA graph (``CudaGraphed``);
-        the optimizer step stays outside it, as PyTorch advises for a GradScaler."""
-        loss = self.compute_gradients()
-        self.scaler.step(self.optimizer)
+        """One optimizer step of Algorithm 1; returns its mean loss as a tensor on the device.
+        The gradients may come from a CUDA graph (``CudaGraphed``), whose output the next
+        replay overwrites, hence the copy; the optimizer step stays outside the graph, as
+        PyTorch advises for a GradScaler."""
+        loss = self.compute_gradients().clone()
+        self.scaler.step(self.opt)
         self.scaler.update()
         return loss
 
+    def _at_milestone(self):
+        return self.step % self.save_and_sample_every == 0 or self.step == self.train_num_steps
+
+    def sample_grid_path(self, step):
+        """The starter's name of the sample grid written after ``step`` steps:
+        ``sample_{milestone}.png``, milestone = (step - 1) // save_and_sample_every."""
+        return self.results_folder / f"sample_{(step - 1) // self.save_and_sample_every}.png"
+
     def train(self):
-        """Train from ``self.step`` up to ``train_num_steps``; Ctrl-C saves and returns."""
-        self.diffusion.train()
+        """Train from ``self.step`` up to ``train_num_steps``.
+
+        Ctrl-C saves a checkpoint (the weights of the last finished step), says how to resume,
+        and raises KeyboardInterrupt again, so a notebook's "Run all" stops there.
+        """
+        self.model.train()
         logger = WandbLogger(self.config, self.results_folder)
         progress = tqdm(initial=self.step, total=self.train_num_steps, desc="training")
-        loss_sum, steps_summed = torch.zeros((), device=self.device), 0
+        unread_losses = []
         try:
             while self.step < self.train_num_steps:
-                loss_sum += self._train_step()
+                unread_losses.append(self._train_step())
                 self.step += 1
-                steps_summed += 1
                 progress.update(1)
-                milestone = (self.step % self.save_and_sample_every == 0
-                             or self.step == self.train_num_steps)
-                if milestone or self.step % self.log_every == 0:
-                    self._log(loss_sum.item() / steps_summed, milestone, logger, progress)
-                    loss_sum.zero_()
-                    steps_summed = 0
+                if self._at_milestone() or len(unread_losses) == self.log_every:
+                    losses, unread_losses = unread_losses, []
+                    self._log(losses, logger, progress)
         except KeyboardInterrupt:
-            if math.isfinite(loss_sum.item()):
-                self.save()
-                print(f"\nInterrupted at step {self.step}; "
-                      f"checkpoint saved to {self.checkpoint_path}.")
+            self._record_losses(unread_losses, logger)
+            self.save()
+            print(f"\nInterrupted at step {self.step}; checkpoint saved to {self.checkpoint_path}. "
+                  f"Resume with load_path={str(self.checkpoint_path)!r} "
+                  f"(main.py: --load_path {self.checkpoint_path}).")
+            raise
         finally:
             progress.close()
             self._write_metrics()
             logger.finish()
 
-    def _log(self, loss, milestone, logger, progress):
-        """Record the mean loss of the last steps; at a milestone also sample, score and save."""
-        if not math.isfinite(loss):
+    def _record_losses(self, losses, logger):
+        """Read the device losses of the last steps, add one history row per step and log every
+        step but the last to wandb; returns the last row. Raises FloatingPointError on a nan."""
+        if not losses:
+            return None
+        values = torch.stack(losses).tolist()
+        first_step = self.step - len(values) + 1
+        bad = [index for index, value in enumerate(values) if not math.isfinite(value)]
+        if bad:
             raise FloatingPointError(
-                f"The training loss became {loss} at step {self.step}, so training stopped. "
-                f"The last good checkpoint (if any) is {self.checkpoint_path}; "
+                f"The training loss became {values[bad[0]]} at step {first_step + bad[0]}, so "
+                f"training stopped. The last good checkpoint (if any) is {self.checkpoint_path}; "
                 "try a lower learning rate.")
-        progress.set_postfix(loss=f"{loss:.4f}")
-        row = {"step": self.step, "loss": loss, "fid": None}
+        rows = [{"step": first_step + i, "loss": value, "fid": None}
+                for i, value in enumerate(values)]
+        self.history.extend(rows)
+        for row in rows[:-1]:
+            logger.log(row["step"], {"loss": row["loss"]})
+        return rows[-1]
+
+    def _log(self, losses, logger, progress):
+        """Record the losses of the last steps; at a milestone also sample, score and save.
+        One wandb.log per step: the last one carries the grid (``img``) and the ``fid``."""
+        row = self._record_losses(losses, logger)
+        progress.set_postfix(loss=f"{row['loss']:.4f}")
+        milestone = self._at_milestone()
         images = {}
         if milestone:
             row["fid"], images = self._milestone()
-        self.history.append(row)
-        metrics = {key: value for key, value in row.items() if key != "step" and value is not None}
-        logger.log(self.step, metrics, images)
+        logger.log(self.step, {key: row[key] for key in ("loss", "fid") if row[key] is not None},
+                   images)
         if milestone:
-            self.save()
+            self.save()  # again, now with this milestone's FID in the history
             self._write_metrics()
             self._plot_metrics()
 
     def _milestone(self):
-        """Sample a grid (and score FID); returns (fid or None, {wandb name: image path})."""
+        """Save, then sample a grid (and score FID): a failure while sampling or scoring loses
+        no training. Returns (fid or None, {wandb name: image path})."""
+        self.save()
         count = self.num_fid_samples if self.fid_scorer else self.num_samples
         with self._autocast():
-            samples = self.diffusion.sample(count).float()
-        grid_path = self.results_folder / f"sample_step_{self.step}.png"
+            samples = self.model.sample(count).float()
+        self.model.train()  # the skeleton's sample() leaves the model in eval mode
+        grid_path = self.sample_grid_path(self.step)
         save_image(samples[:self.num_samples], grid_path,
                    nrow=math.ceil(math.sqrt(self.num_samples)))
         fid = None
         if self.fid_scorer:
             fid = self.fid_scorer.score((samples * 255).round().to(torch.uint8))
             print(f"step {self.step}: FID {fid:.2f}")
-        return fid, {"samples": grid_path}
+        return fid, {"img": grid_path}
 
     def _write_metrics(self):
         """Rewrite metrics.csv from the history (this run and the checkpoint it resumed)."""
@@ -768,40 +891,46 @@ class Trainer:
     def _timesteps(self, t, batch_size):
         return torch.full((batch_size,), t, device=self.device, dtype=torch.long)
 
-    def _forward_process(self, x_0):
-        """x_t = q_sample(x_0, t) (eq. 2 with abar_t) at the visualised fractions of T, and
-        x_T (t = T-1 in code), all from one noise draw; returns (steps, frames, x_T)."""
-        timesteps = self.diffusion.num_timesteps
-        noise = self.diffusion.noise_like(x_0.shape, x_0.device)
-        steps = [min(int(fraction * timesteps), timesteps - 1) for fraction in VISUALIZED_FRACTIONS]
-        frames = [self.diffusion.q_sample(x_0, self._timesteps(t, len(x_0)), noise) for t in steps]
-        x_T = self.diffusion.q_sample(x_0, self._timesteps(timesteps - 1, len(x_0)), noise)
-        return steps, frames, x_T
+    def _forward_process(self, x_0, steps):
+        """x_t = q_sample(x_0, t, noise) (eq. 2 with abar_t) at each of ``steps`` and x_T (t = T-1
+        in code), all from one noise draw; returns (frames, x_T)."""
+        noise = torch.randn_like(x_0)
+        frames = [self.model.q_sample(x_0, self._timesteps(t, len(x_0)), noise) for t in steps]
+        last = self.model.num_timesteps - 1
+        return frames, self.model.q_sample(x_0, self._timesteps(last, len(x_0)), noise)
+
+    def _backward_process(self, x_T, steps):
+        """Algorithm 2 by ``p_sample`` from the raw x_T; the states after the reverse steps at
+        each of ``steps``, from the noisiest (largest t) to the last (t = 0)."""
+        frames = []
+        x = x_T
+        for t in reversed(range(self.model.num_timesteps)):
+            x = self.model.p_sample(x, self._timesteps(t, len(x)), t)
+            if t in steps:
+                frames.append(x)
+        return frames
 
     @torch.no_grad()
     def visualize_diffusion(self):
         """Parts 3 and 4: the forward and backward processes of the first training batch.
 
-        Forward: frames at 0/25/50/75/99 % of T. Backward: Algorithm 2 from the raw x_T of that
-        forward process (not clamped or rescaled), frames after the same fractions of the T
-        reverse steps. Saves forward_diffusion.png and backward_diffusion.png, shows them in a
-        notebook, logs them to wandb; returns the two paths.
+        Forward: q_sample at t = int(p T) for p in 0, 25, 50, 75, 99 %. Backward: p_sample steps
+        from the raw x_T of that forward process (not clamped or rescaled), shown after the
+        steps at the same t. Saves forward_diffusion.png and backward_diffusion.png, shows them
+        in a notebook, logs them to wandb; returns the two paths.
         """
-        self.diffusion.eval()
-        forward_steps, forward, x_T = self._forward_process(
-            normalize_to_neg_one_to_one(self.batches.first_batch(self.first_batch_size)))
+        self.model.eval()
+        steps = [int(fraction * self.model.num_timesteps) for fraction in VISUALIZED_FRACTIONS]
+        x_0 = to_model_range(self.batches.first_batch(self.batch_size))
         with self._autocast():
-            backward = self.diffusion.p_sample_loop(x_T, return_all_timesteps=True).float()
-        timesteps = self.diffusion.num_timesteps
-        reverse_steps = [int(fraction * timesteps) for fraction in VISUALIZED_FRACTIONS]
+            forward, x_T = self._forward_process(x_0, steps)
+            backward = self._backward_process(x_T, steps)
+        labels = [f"{fraction:.0%}: t = {t}" for fraction, t in zip(VISUALIZED_FRACTIONS, steps)]
         paths = {"forward_diffusion": self.results_folder / "forward_diffusion.png",
                  "backward_diffusion": self.results_folder / "backward_diffusion.png"}
-        plot_process([unnormalize_to_zero_to_one(x).clamp(0, 1) for x in forward],
-                     [f"{f:.0%}: t = {t}" for f, t in zip(VISUALIZED_FRACTIONS, forward_steps)],
+        plot_process([to_image_range(x.float()) for x in forward], labels,
                      paths["forward_diffusion"])
-        plot_process([backward[k] for k in reverse_steps],
-                     [f"{f:.0%}: {k} of {timesteps} steps"
-                      for f, k in zip(VISUALIZED_FRACTIONS, reverse_steps)],
+        plot_process([to_image_range(x.float()) for x in backward], labels[::-1],
                      paths["backward_diffusion"])
         self._publish(paths)
         return paths["forward_diffusion"], paths["backward_diffusion"]

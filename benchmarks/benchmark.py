@@ -118,8 +118,8 @@ def starter_pipeline_images_per_s(data_path, batches, device):
 
 def cached_pipeline_images_per_s(image_set, batches, device):
     """trainer.py's way: random crops and flips of the decoded uint8 tensor on the device."""
-    source = trainer_module.AugmentedBatches(image_set.train, HANDOUT["image_size"],
-                                             HANDOUT["batch_size"], True, device)
+    source = trainer_module.DeviceBatches(image_set.train, HANDOUT["image_size"],
+                                          HANDOUT["batch_size"], True, device)
     source.next_batch()
     seconds, _ = timed(lambda: [source.next_batch() for _ in range(batches)], device)
     return batches * HANDOUT["batch_size"] / seconds
@@ -148,8 +148,8 @@ def build_trainer(image_set, results, device, amp, **speed):
     torch.manual_seed(0)
     diffusion = Diffusion(Unet(HANDOUT["unet_dim"]), image_size=HANDOUT["image_size"],
                           timesteps=HANDOUT["time_steps"])
-    trainer = trainer_module.Trainer(diffusion, None, dataset=image_set, results_folder=results,
-                                     device=device, **speed)
+    trainer = trainer_module.Trainer(diffusion, None, image_set=image_set, dataset="train",
+                                     results_folder=results, device=device, **speed)
     if not amp:
         trainer.amp_dtype = None
     return trainer
@@ -160,7 +160,7 @@ def training_speed(image_set, results, device, timed_steps, **options):
     for every option set up to round-off and sampling noise, shows that an option speeds the
     training up without changing it."""
     trainer = build_trainer(image_set, results, device, **options)
-    trainer.diffusion.train()
+    trainer.model.train()
     for _ in range(10):  # warm-up: cuDNN's choices, the CUDA graph's capture, torch.compile
         trainer._train_step()
     loss_sum = torch.zeros((), device=device)
@@ -190,7 +190,7 @@ def time_training_options(options, image_set, results, device, args, figures):
 
 def sampling_images_per_s(trainer, device):
     with trainer._autocast():
-        seconds, _ = timed(lambda: trainer.diffusion.sample(SAMPLES), device)
+        seconds, _ = timed(lambda: trainer.model.sample(SAMPLES), device)
     return SAMPLES / seconds
 
 

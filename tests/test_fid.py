@@ -86,8 +86,8 @@ def test_stale_sample_files_are_not_counted(afhq, tmp_path):
 
 
 def test_fid_works_for_a_given_image_set(afhq, tmp_path):
-    images = fid_trainer(afhq, tmp_path / "first", CountingExtractor()).images
-    scorer = fid_trainer(afhq, tmp_path / "second", CountingExtractor(), dataset=images).fid_scorer
+    images = fid_trainer(afhq, tmp_path / "first", CountingExtractor()).ds
+    scorer = fid_trainer(afhq, tmp_path / "second", CountingExtractor(), image_set=images).fid_scorer
     assert scorer.score(generated_images()) > 0
 
 

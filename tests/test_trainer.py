@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import trainer as trainer_module
 from afhq_data import make_afhq_folder, part_b_environment  # noqa: F401 (autouse fixture)
 from diffusion import Diffusion
-from trainer import (AugmentedBatches, CudaGraphed, Trainer, WandbLogger, adam, autocast_dtype,
+from trainer import (DeviceBatches, CudaGraphed, Trainer, WandbLogger, adam, autocast_dtype,
                      find_class_root, load_image_set)
 from unet import Unet
 from utils import write_synthetic_afhq
@@ -36,7 +36,7 @@ def make_trainer(afhq, results, **options):
     settings = dict(image_size=IMAGE_SIZE, train_batch_size=4, train_num_steps=3,
                     gradient_accumulate_every=1, save_and_sample_every=2, results_folder=results,
                     data_class="cat", device="cpu", dataloader_workers=0, num_samples=4,
-                    log_every=1)
+                    log_every=1, dataset="train")
     settings.update(options)
     return Trainer(tiny_diffusion(), afhq, **settings)
 
@@ -146,7 +146,7 @@ def test_batches_are_random_crops_of_the_stored_images():
     torch.manual_seed(0)
     shades = torch.arange(0, 250, 10, dtype=torch.uint8)  # image i is flat with value 10 i
     images = shades.view(-1, 1, 1, 1).expand(-1, 3, 18, 18).clone()
-    batch = AugmentedBatches(images, IMAGE_SIZE, 8, True, "cpu").next_batch()
+    batch = DeviceBatches(images, IMAGE_SIZE, 8, True, "cpu").next_batch()
     assert batch.shape == (8, 3, IMAGE_SIZE, IMAGE_SIZE) and batch.dtype == torch.float32
     flat_values = batch.flatten(1)
     assert torch.equal(flat_values.min(1).values, flat_values.max(1).values)
@@ -156,7 +156,7 @@ def test_batches_are_random_crops_of_the_stored_images():
 def test_batches_are_mirrored_about_half_of_the_time():
     torch.manual_seed(0)
     ramp = torch.arange(18, dtype=torch.uint8).expand(1, 3, 18, 18).clone()
-    batch = AugmentedBatches(ramp, IMAGE_SIZE, 400, True, "cpu").next_batch()
+    batch = DeviceBatches(ramp, IMAGE_SIZE, 400, True, "cpu").next_batch()
     mirrored = (batch[:, 0, 0, 0] > batch[:, 0, 0, -1]).float().mean()
     assert 0.4 < mirrored < 0.6
 
@@ -164,14 +164,14 @@ def test_batches_are_mirrored_about_half_of_the_time():
 def test_crop_offsets_cover_the_margin():
     torch.manual_seed(0)
     ramp = torch.arange(18, dtype=torch.uint8).expand(1, 3, 18, 18).clone()
-    batch = AugmentedBatches(ramp, IMAGE_SIZE, 400, True, "cpu").next_batch()
+    batch = DeviceBatches(ramp, IMAGE_SIZE, 400, True, "cpu").next_batch()
     left_edges = (batch[:, 0, 0, :].min(1).values * 255).round()
     assert set(left_edges.tolist()) == {0.0, 1.0, 2.0}
 
 
 def test_unshuffled_batches_follow_file_order_and_wrap_around():
     images = torch.arange(5, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 18, 18).clone()
-    batches = AugmentedBatches(images, IMAGE_SIZE, 3, False, "cpu")
+    batches = DeviceBatches(images, IMAGE_SIZE, 3, False, "cpu")
     drawn = [(batches.next_batch()[:, 0, 0, 0] * 255).round().tolist() for _ in range(3)]
     assert drawn == [[0.0, 1.0, 2.0], [3.0, 4.0, 0.0], [1.0, 2.0, 3.0]]
 
@@ -179,9 +179,22 @@ def test_unshuffled_batches_follow_file_order_and_wrap_around():
 def test_first_batch_is_centre_crop_in_file_order():
     images = torch.arange(5, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 18, 18).clone()
     images[:, :, 1, 1] = 200  # inside the centre crop (rows and columns 1..16)
-    first = AugmentedBatches(images, IMAGE_SIZE, 2, True, "cpu").first_batch(3)
+    first = DeviceBatches(images, IMAGE_SIZE, 2, True, "cpu").first_batch(3)
     assert (first[:, 0, 0, 0] * 255).round().tolist() == [200.0, 200.0, 200.0]
     assert (first[:, 0, 5, 5] * 255).round().tolist() == [0.0, 1.0, 2.0]
+
+
+def test_unaugmented_batches_are_centre_crops_never_flipped():
+    torch.manual_seed(0)
+    ramp = torch.arange(18, dtype=torch.uint8).expand(1, 3, 18, 18).clone()
+    batch = DeviceBatches(ramp, IMAGE_SIZE, 50, True, "cpu", augment=False).next_batch()
+    assert torch.equal(batch, DeviceBatches(ramp, IMAGE_SIZE, 1, True, "cpu").first_batch(1)
+                       .expand(50, -1, -1, -1))
+
+
+def test_trainer_augments_only_for_the_starters_train_dataset(afhq, tmp_path):
+    assert make_trainer(afhq, tmp_path, dataset="train").batches.augment
+    assert not make_trainer(afhq, tmp_path, dataset=None).batches.augment
 
 
 # ---------------------------------------------------------------- training and checkpoints
@@ -191,7 +204,8 @@ def test_training_without_fid_saves_checkpoint_and_samples_at_milestones_and_end
     trainer = make_trainer(afhq, tmp_path, train_num_steps=3, save_and_sample_every=2)
     trainer.train()
     assert load_checkpoint(tmp_path / "model.pt")["step"] == 3
-    assert (tmp_path / "sample_step_2.png").is_file() and (tmp_path / "sample_step_3.png").is_file()
+    # the starter's names: sample_{milestone}.png, milestone = (step - 1) // save_and_sample_every
+    assert (tmp_path / "sample_0.png").is_file() and (tmp_path / "sample_1.png").is_file()
 
 
 def test_training_reads_batches_from_memory_without_decoding(afhq, tmp_path, monkeypatch):
@@ -218,7 +232,7 @@ def test_metrics_csv_and_loss_plot_are_written(afhq, tmp_path):
     make_trainer(afhq, tmp_path, train_num_steps=4, log_every=2).train()
     with open(tmp_path / "metrics.csv", newline="") as file:
         rows = list(csv.DictReader(file))
-    assert [row["step"] for row in rows] == ["2", "4"]
+    assert [row["step"] for row in rows] == ["1", "2", "3", "4"]
     assert all(float(row["loss"]) > 0 and row["fid"] == "" for row in rows)
     assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
     assert not (tmp_path / "fid.png").exists()
@@ -259,13 +273,122 @@ def test_resume_restores_weights_optimizer_and_step_then_trains_on(afhq, tmp_pat
     saved = load_checkpoint(tmp_path / "model.pt")
     resumed = make_trainer(afhq, tmp_path, train_num_steps=4, load_path=tmp_path / "model.pt")
     assert resumed.step == 2
-    assert torch.equal(resumed.optimizer.state_dict()["state"][0]["exp_avg"],
+    assert torch.equal(resumed.opt.state_dict()["state"][0]["exp_avg"],
                        saved["optimizer"]["state"][0]["exp_avg"])
-    assert torch.equal(resumed.diffusion.state_dict()["model.init_conv.weight"],
+    assert torch.equal(resumed.model.state_dict()["model.init_conv.weight"],
                        saved["model"]["model.init_conv.weight"])
     resumed.train()
     assert [row["step"] for row in resumed.history] == [1, 2, 3, 4]
     assert load_checkpoint(tmp_path / "model.pt")["step"] == 4
+
+
+def test_trainer_has_the_starters_attributes(afhq, tmp_path):
+    trainer = make_trainer(afhq, tmp_path, fid=False)
+    assert isinstance(trainer.model, Diffusion) and isinstance(trainer.opt, torch.optim.Adam)
+    assert len(trainer.ds) == PER_CLASS + 1  # the blobs and the grayscale cat
+    batch = next(trainer.dl)
+    assert batch.shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE) and -1 <= batch.min() < 0 < batch.max() <= 1
+    assert (trainer.step, trainer.batch_size, trainer.image_size) == (0, 4, IMAGE_SIZE)
+    assert (trainer.gradient_accumulate_every, trainer.train_num_steps) == (1, 3)
+    assert (trainer.save_and_sample_every, trainer.fid) == (2, False)
+    assert trainer.results_folder == tmp_path and trainer.device == torch.device("cpu")
+
+
+def test_save_with_itrs_writes_a_numbered_checkpoint_in_the_starters_format(afhq, tmp_path):
+    trainer = make_trainer(afhq, tmp_path)
+    trainer.step = 7
+    trainer.save(7)
+    checkpoint = load_checkpoint(tmp_path / "model_7.pt")
+    assert checkpoint["step"] == 7 and checkpoint["model"].keys() == trainer.model.state_dict().keys()
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_starter_checkpoint_resumes_with_a_fresh_optimizer(afhq, tmp_path, capsys):
+    source = make_trainer(afhq, tmp_path / "starter")
+    torch.save({"step": 2, "model": source.model.state_dict()}, tmp_path / "starter.pt")
+    resumed = make_trainer(afhq, tmp_path / "resumed", train_num_steps=3,
+                           load_path=tmp_path / "starter.pt")
+    assert "Adam starts afresh" in capsys.readouterr().out
+    assert resumed.step == 2 and resumed.opt.state_dict()["state"] == {}
+    assert torch.equal(resumed.model.model.init_conv.weight, source.model.model.init_conv.weight)
+    resumed.train()
+    assert load_checkpoint(tmp_path / "resumed" / "model.pt")["step"] == 3
+
+
+def test_checkpoint_with_extra_schedule_buffers_loads_its_network_weights(afhq, tmp_path):
+    source = make_trainer(afhq, tmp_path / "source")
+    state = {**source.model.state_dict(), "alpha_bar": torch.ones(10)}  # a student's buffer
+    torch.save({"step": 1, "model": state}, tmp_path / "student.pt")
+    resumed = make_trainer(afhq, tmp_path / "resumed", load_path=tmp_path / "student.pt")
+    assert torch.equal(resumed.model.model.final_conv.bias, source.model.model.final_conv.bias)
+
+
+def test_checkpoint_of_another_network_says_which_settings_to_use(afhq, tmp_path):
+    wider = Diffusion(Unet(16, dim_mults=(1, 2)), image_size=IMAGE_SIZE, timesteps=10)
+    torch.save({"step": 1, "model": wider.state_dict()}, tmp_path / "wider.pt")
+    with pytest.raises(ValueError, match="do not fit this U-Net.*unet_dim and unet_dim_mults"):
+        make_trainer(afhq, tmp_path, load_path=tmp_path / "wider.pt")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04truncated"],
+                         ids=["empty", "text", "truncated zip"])
+def test_unreadable_checkpoint_raises_a_clear_value_error(afhq, tmp_path, content):
+    (tmp_path / "model.pt").write_bytes(content)
+    with pytest.raises(ValueError, match="not a readable checkpoint.*written by training"):
+        make_trainer(afhq, tmp_path, load_path=tmp_path / "model.pt")
+
+
+def test_a_saved_tensor_is_not_taken_for_a_checkpoint(afhq, tmp_path):
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(ValueError, match="not a training checkpoint"):
+        make_trainer(afhq, tmp_path, load_path=tmp_path / "tensor.pt")
+
+
+def test_bad_checkpoint_fails_before_any_image_is_decoded(afhq, tmp_path, monkeypatch):
+    (tmp_path / "model.pt").write_bytes(b"junk")
+    decodes = count_decodes(monkeypatch)
+    with pytest.raises(ValueError):
+        make_trainer(afhq, tmp_path, load_path=tmp_path / "model.pt", data_class="dog")
+    assert decodes == []
+
+
+def test_plain_tensor_attributes_of_a_diffusion_follow_it_to_the_device():
+    class PlainSchedule(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(2))
+            self.alphas = torch.ones(5)  # a plain attribute, as a student may keep it
+
+    moved = trainer_module.move_to_device(PlainSchedule(), torch.device("meta"))
+    assert moved.alphas.device.type == "meta" and moved.weight.device.type == "meta"
+
+
+def test_training_goes_on_in_train_mode_after_sampling_in_eval_mode(afhq, tmp_path, monkeypatch):
+    trainer = make_trainer(afhq, tmp_path, train_num_steps=3, save_and_sample_every=1)
+    sample = trainer.model.sample
+
+    def sample_left_in_eval_mode(batch_size):  # as the skeleton's sample() does
+        images = sample(batch_size)
+        trainer.model.eval()
+        return images
+
+    monkeypatch.setattr(trainer.model, "sample", sample_left_in_eval_mode)
+    modes = []
+    compute_gradients = trainer.compute_gradients
+
+    def recording_compute_gradients():
+        modes.append(trainer.model.model.training)
+        return compute_gradients()
+
+    monkeypatch.setattr(trainer, "compute_gradients", recording_compute_gradients)
+    trainer.train()
+    assert modes == [True, True, True]
+
+
+def test_the_grid_of_each_milestone_has_the_starters_name(afhq, tmp_path):
+    trainer = make_trainer(afhq, tmp_path, save_and_sample_every=100)
+    assert [trainer.sample_grid_path(step).name for step in (100, 200, 1000, 1050)] == [
+        "sample_0.png", "sample_1.png", "sample_9.png", "sample_10.png"]
 
 
 def test_checkpoint_with_other_settings_raises_naming_them(afhq, tmp_path):
@@ -288,7 +411,7 @@ def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(afhq, tmp_path, 
     good = load_checkpoint(tmp_path / "model.pt")
     trainer = make_trainer(afhq, tmp_path, train_num_steps=6, load_path=tmp_path / "model.pt")
     monkeypatch.setattr(trainer, "loss_function",
-                        lambda x_0: trainer.diffusion(x_0) * float("nan"))
+                        lambda x_0, noise: trainer.model(x_0, noise) * float("nan"))
     with pytest.raises(FloatingPointError, match="became nan at step 3"):
         trainer.train()
     kept = load_checkpoint(tmp_path / "model.pt")
@@ -297,7 +420,8 @@ def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(afhq, tmp_path, 
                        good["model"]["model.init_conv.weight"])
 
 
-def test_ctrl_c_saves_a_checkpoint_and_returns(afhq, tmp_path, monkeypatch):
+def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_stops(afhq, tmp_path, monkeypatch,
+                                                                 capsys):
     trainer = make_trainer(afhq, tmp_path, train_num_steps=10, save_and_sample_every=10)
     train_step = trainer._train_step
     calls = []
@@ -309,14 +433,18 @@ def test_ctrl_c_saves_a_checkpoint_and_returns(afhq, tmp_path, monkeypatch):
         return train_step()
 
     monkeypatch.setattr(trainer, "_train_step", interrupted_step)
-    trainer.train()
-    assert load_checkpoint(tmp_path / "model.pt")["step"] == 2
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    checkpoint = load_checkpoint(tmp_path / "model.pt")
+    assert checkpoint["step"] == 2
+    assert [row["step"] for row in checkpoint["history"]] == [1, 2]
+    assert f"--load_path {tmp_path / 'model.pt'}" in capsys.readouterr().out
 
 
 def test_gradient_accumulation_averages_the_batches(afhq, tmp_path, monkeypatch):
     trainer = make_trainer(afhq, tmp_path, gradient_accumulate_every=2, fused_accumulation=False)
     losses = iter([torch.tensor(1.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)])
-    monkeypatch.setattr(trainer, "loss_function", lambda x_0: next(losses))
+    monkeypatch.setattr(trainer, "loss_function", lambda x_0, noise: next(losses))
     assert trainer._train_step().item() == pytest.approx(2.0)
 
 
@@ -325,7 +453,7 @@ def test_fused_accumulation_runs_all_the_batches_of_a_step_in_one_pass(afhq, tmp
     batch_sizes = []
     loss_function = trainer.loss_function
     monkeypatch.setattr(trainer, "loss_function",
-                        lambda x_0: batch_sizes.append(len(x_0)) or loss_function(x_0))
+                        lambda x_0, noise: batch_sizes.append(len(x_0)) or loss_function(x_0, noise))
     trainer._train_step()
     assert batch_sizes == [12]
 
@@ -345,8 +473,8 @@ def test_fused_accumulation_gives_the_gradient_of_accumulating_batch_by_batch():
 
 def test_each_step_computes_its_gradients_afresh(afhq, tmp_path, monkeypatch):
     trainer = make_trainer(afhq, tmp_path)
-    weight = trainer.diffusion.model.final_conv.bias
-    monkeypatch.setattr(trainer, "loss_function", lambda x_0: (weight * 3).sum())
+    weight = trainer.model.model.final_conv.bias
+    monkeypatch.setattr(trainer, "loss_function", lambda x_0, noise: (weight * 3).sum())
     trainer._compute_gradients()
     trainer._compute_gradients()
     assert torch.equal(weight.grad, torch.full_like(weight, 3.0))
@@ -450,7 +578,7 @@ def test_mixed_precision_is_off_on_cpu(afhq, tmp_path):
 
 def test_channels_last_option_converts_the_model_and_trains(afhq, tmp_path):
     trainer = make_trainer(afhq, tmp_path, train_num_steps=1, channels_last=True)
-    weight = trainer.diffusion.model.init_conv.weight
+    weight = trainer.model.model.init_conv.weight
     assert weight.is_contiguous(memory_format=torch.channels_last)
     trainer.train()
     assert trainer.step == 1
@@ -488,23 +616,34 @@ def fake_wandb(monkeypatch):
     return inits, calls
 
 
-def test_one_wandb_log_per_logged_step_with_explicit_step(afhq, tmp_path, monkeypatch):
+def test_one_wandb_log_per_step_with_explicit_step_though_read_in_groups(afhq, tmp_path,
+                                                                        monkeypatch):
     _, calls = fake_wandb(monkeypatch)
-    make_trainer(afhq, tmp_path, train_num_steps=4, log_every=1).train()
+    make_trainer(afhq, tmp_path, train_num_steps=4, log_every=3).train()
     logs = [call for call in calls if call[0] != "finished"]
     assert [step for _, step in logs] == [1, 2, 3, 4]
-    assert set(logs[1][0]) == {"loss", "samples"}  # milestone: loss and images together
+    assert set(logs[1][0]) == {"loss", "img"}  # milestone: loss and grid together
 
 
-def test_wandb_goes_offline_without_key_or_terminal(tmp_path, monkeypatch, capsys):
+class Terminal:
+    """A stand-in stdin attached to a terminal, where wandb would ask for a key."""
+
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stdin", [None, Terminal()], ids=["no terminal", "terminal"])
+def test_wandb_goes_offline_without_a_key_and_says_how_to_log_in(tmp_path, monkeypatch, capsys,
+                                                                stdin):
     inits, _ = fake_wandb(monkeypatch)
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setattr(sys, "stdin", None)
-    WandbLogger({}, tmp_path)
+    monkeypatch.setattr(sys, "stdin", stdin)
+    WandbLogger({}, tmp_path / "part1")
     assert inits[0]["mode"] == "offline" and inits[0]["project"] == "DDPM_AFHQ"
-    assert "offline" in capsys.readouterr().out
+    assert inits[0]["name"] == "part1"  # the starter names the run after the results folder
+    assert "wandb login" in capsys.readouterr().out
 
 
 def test_wandb_mode_from_environment_is_respected(tmp_path, monkeypatch):
@@ -531,27 +670,40 @@ def test_visualize_writes_forward_and_backward_figures(afhq, tmp_path):
     assert all(path.read_bytes().startswith(b"\x89PNG") for path in (forward, backward))
 
 
-def test_backward_process_starts_from_the_raw_x_T_of_the_forward_process(afhq, tmp_path,
-                                                                          monkeypatch):
+def record_calls(monkeypatch, instance, name):
+    """Wrap ``instance.name`` so that every call's arguments and result are kept; returns the
+    list of ``(args, result)``."""
+    calls = []
+    method = getattr(instance, name)
+
+    def recording(*args):
+        result = method(*args)
+        calls.append((args, result))
+        return result
+
+    monkeypatch.setattr(instance, name, recording)
+    return calls
+
+
+def test_backward_process_steps_p_sample_from_the_raw_x_T_of_the_forward_process(afhq, tmp_path,
+                                                                                   monkeypatch):
     trainer = make_trainer(afhq, tmp_path)
-    diffusion = trainer.diffusion
-    noise = torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE)
-    monkeypatch.setattr(diffusion, "noise_like", lambda shape, device: noise[:shape[0]])
-    starts = []
-    p_sample_loop = diffusion.p_sample_loop
-
-    def recording_loop(img, return_all_timesteps=False):
-        starts.append(img.clone())
-        return p_sample_loop(img, return_all_timesteps)
-
-    monkeypatch.setattr(diffusion, "p_sample_loop", recording_loop)
+    q_samples = record_calls(monkeypatch, trainer.model, "q_sample")
+    p_samples = record_calls(monkeypatch, trainer.model, "p_sample")
     trainer.visualize_diffusion()
-    x_0 = trainer.batches.first_batch(trainer.first_batch_size) * 2 - 1
-    last = diffusion.num_timesteps - 1
-    expected = (diffusion.sqrt_alphas_cumprod[last] * x_0
-                + diffusion.sqrt_one_minus_alphas_cumprod[last] * noise)
-    assert torch.allclose(starts[0], expected, atol=1e-6)
-    assert starts[0].min() < 0  # not clamped or rescaled to [0, 1]
+    last = trainer.model.num_timesteps - 1
+    x_T = next(result for (x_0, t, noise), result in q_samples if t[0] == last)
+    first_input = p_samples[0][0][0]
+    assert torch.equal(first_input, x_T)
+    assert first_input.min() < 0  # not clamped or rescaled to [0, 1]
+    assert [t_index for (x, t, t_index), _ in p_samples] == list(range(last, -1, -1))
+
+
+def test_forward_frames_are_at_the_handouts_fractions_of_T(afhq, tmp_path, monkeypatch):
+    trainer = make_trainer(afhq, tmp_path)  # T = 10
+    q_samples = record_calls(monkeypatch, trainer.model, "q_sample")
+    trainer.visualize_diffusion()
+    assert [int(t[0]) for (x_0, t, noise), _ in q_samples][:5] == [0, 2, 5, 7, 9]
 
 
 def test_trainers_of_different_results_folders_share_the_decoded_images(afhq, tmp_path, monkeypatch):
