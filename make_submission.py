@@ -4,11 +4,11 @@
     python make_submission.py --parts A       # Part A only
     python make_submission.py --output ~/A3.zip
 
-Files are chosen from a whitelist (the patterns in PART_FILES, matched only at the
-top of each part's folder), so data, results, checkpoints, caches, wandb runs and
-credentials can never slip in. A notebook that was never run, or that holds an
-error output, is packed anyway but reported on stderr, because the graders read
-the outputs.
+Exactly the assignment's files are packed, by the starter's names (PART_FILES), so
+scratch code, data, results, checkpoints, caches, wandb runs and credentials can
+never slip in; everything else at the top of a part's folder is listed on stderr
+as left out. A notebook that was never run, or that holds an error output, is
+packed anyway but reported on stderr, because the graders read the outputs.
 """
 import argparse
 import sys
@@ -21,26 +21,30 @@ REPO_ROOT = Path(__file__).resolve().parent
 PART_FOLDERS = {"A": "A3_PartA", "B": "A3_PartB"}
 PART_FILES = {
     "A": ("vae.py", "a3_helper.py", "variational_autoencoders.ipynb"),
-    "B": ("*.py", "run_diffusion.ipynb", "requirements.txt"),
+    "B": ("diffusion.py", "main.py", "trainer.py", "unet.py", "utils.py",
+          "run_diffusion.ipynb", "requirements.txt"),
 }
 
 
 def files_of_part(root, part):
-    """The files to submit for one part, sorted; each pattern must match at least once.
+    """The assignment's files of one part, sorted.
 
-    Raises FileNotFoundError naming the missing file and the folder searched.
+    Raises FileNotFoundError naming every missing file and the folder searched.
     """
     folder = Path(root) / PART_FOLDERS[part]
-    selected = set()
-    for pattern in PART_FILES[part]:
-        matches = [path for path in folder.glob(pattern) if path.is_file()]
-        if not matches:
-            raise FileNotFoundError(
-                f"Part {part}: no file matching '{pattern}' in {folder}. "
-                "Put the part's finished files there, or choose the parts you have with --parts."
-            )
-        selected.update(matches)
-    return sorted(selected)
+    missing = [name for name in PART_FILES[part] if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"Part {part}: {', '.join(missing)} not found in {folder}. Put the part's finished "
+            "files there, by the starter's names, or choose the parts you have with --parts."
+        )
+    return sorted(folder / name for name in PART_FILES[part])
+
+
+def entries_left_out(root, part):
+    """Everything else at the top of a part's folder (scratch code, data, credentials), sorted."""
+    folder = Path(root) / PART_FOLDERS[part]
+    return sorted(path for path in folder.iterdir() if path.name not in PART_FILES[part])
 
 
 def notebook_problems(path):
@@ -88,24 +92,41 @@ def report_packed(files, root, output):
     print(f"Wrote {output} ({output.stat().st_size / 1024:.1f} KiB, {len(files)} files)")
 
 
+def report_left_out(entries, root):
+    """List on stderr every file and folder that was not packed, and why."""
+    if not entries:
+        return
+    print("Left out of the zip (not part of the assignment, which takes only the starter's "
+          "files):", file=sys.stderr)
+    for path in entries:
+        print(f"  {path.relative_to(root).as_posix()}{'/' if path.is_dir() else ''}",
+              file=sys.stderr)
+
+
 def build_submission(root, parts, output):
     """Collect, check, zip and report the chosen parts; return the zip's path."""
     root = Path(root).resolve()
-    files = [path for part in dict.fromkeys(parts) for path in files_of_part(root, part)]
+    parts = list(dict.fromkeys(parts))
+    files = [path for part in parts for path in files_of_part(root, part)]
     warn_about_notebooks(files, root)
     output = write_zip(files, root, output)
     report_packed(files, root, output)
+    report_left_out([path for part in parts for path in entries_left_out(root, part)], root)
     return output
 
 
 def parse_args(argv=None):
-    """Command-line options: which parts to pack and where the zip goes."""
+    """Command-line options: which parts to pack and where the zip goes (not a folder)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", choices=sorted(PART_FOLDERS), default=["A", "B"],
                         help="parts to pack (default: both)")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "A3_submission.zip",
                         help="path of the zip to write (default: A3_submission.zip here)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.output.is_dir():
+        parser.error(f"--output {args.output} is a folder, not a zip file. Pass a file path "
+                     f"such as {args.output / 'A3_submission.zip'}.")
+    return args
 
 
 def main(argv=None):

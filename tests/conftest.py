@@ -2,9 +2,18 @@
 
 The tests use tiny networks, for which one CPU thread is much faster than several:
 thread hand-offs cost more than the arithmetic, and far more on a busy machine.
+
+Tests never write to the user's own folders: before collection imports anything, every
+per-user folder that the code or its libraries write to (~/.cache, ~/.config, ~/.local/share,
+~/.ipython, matplotlib's and wandb's) is pointed at one temporary folder of the session. The
+environment is inherited by everything that runs later: module-scoped fixtures, the Jupyter
+kernels they start and the subprocesses tests start.
 """
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +21,35 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the subprocesses tests start
 torch.set_num_threads(1)
 
+PER_USER_FOLDERS = {  # variable -> its subfolder in the session's temporary folder
+    "XDG_CACHE_HOME": "cache",  # the trainer's decoded images and FID statistics, torch's cache
+    "XDG_CONFIG_HOME": "config",
+    "XDG_DATA_HOME": "data",  # Jupyter's runtime files, wandb's data
+    "MPLCONFIGDIR": "matplotlib",  # its font cache, built once for the whole session
+    "IPYTHONDIR": "ipython",  # the kernels' history database
+    "WANDB_CONFIG_DIR": "wandb_config",  # wandb does not follow XDG_CONFIG_HOME
+}
+SESSION_HOME = pytest.StashKey()
+
+
+def pytest_configure(config):
+    """Point every per-user folder at a new temporary folder, before collection imports the
+    code (a3_helper imports matplotlib, which writes its font cache at import)."""
+    home = Path(tempfile.mkdtemp(prefix="a3_tests_home_"))
+    environment = pytest.MonkeyPatch()
+    for variable, subfolder in PER_USER_FOLDERS.items():
+        environment.setenv(variable, str(home / subfolder))
+    config.stash[SESSION_HOME] = home, environment
+
+
+def pytest_unconfigure(config):
+    """Restore the environment and delete the session's temporary folder."""
+    home, environment = config.stash[SESSION_HOME]
+    environment.undo()
+    shutil.rmtree(home, ignore_errors=True)
+
 
 @pytest.fixture(autouse=True)
 def private_cache_folder(monkeypatch, tmp_path):
-    """Decoded images and FID statistics go to the test's own folder, never to ~/.cache."""
+    """Each test starts from an empty cache of decoded images and FID statistics of its own."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg_cache"))

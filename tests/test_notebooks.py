@@ -13,6 +13,7 @@ distance, the plot. The Inception network itself is not exercised by these tests
 import csv
 import math
 import shutil
+import tempfile
 from pathlib import Path
 
 import ipykernel.kernelspec
@@ -96,6 +97,15 @@ def execute_notebook(path, settings):
     return notebook
 
 
+def printed_in_a_kernel(source, folder):
+    """What `source` prints when run in a new kernel started in `folder`."""
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+    NotebookClient(notebook, kernel_name="python3", timeout=CELL_TIMEOUT_S,
+                   resources={"metadata": {"path": str(folder)}}).execute()
+    return "".join(output.text for output in notebook.cells[0].outputs
+                   if output.get("name") == "stdout")
+
+
 def error_outputs(notebook):
     """Every error output of the notebook's code cells."""
     return [output for cell in notebook.cells if cell.cell_type == "code"
@@ -127,6 +137,20 @@ def part_b_run(jupyter_env, tmp_path_factory):
     (folder / "data").mkdir()
     shutil.make_archive(str(folder / "data" / "afhq_v2"), "zip", root_dir=fake_afhq)
     return folder, execute_notebook(folder / "run_diffusion.ipynb", PART_B_SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def kernel_cache_folder(jupyter_env, tmp_path_factory):
+    """The trainer's default cache folder, as seen in a kernel that a module-scoped fixture starts
+    (as the notebook runs do): these fixtures run before any test's own settings."""
+    folder = copy_part("A3_PartB", tmp_path_factory.mktemp("kernel_cache"))
+    return Path(printed_in_a_kernel("import trainer\nprint(trainer.default_cache_folder())",
+                                    folder).strip())
+
+
+def test_kernels_of_module_fixtures_cache_in_a_temporary_folder_not_the_users(kernel_cache_folder):
+    assert kernel_cache_folder.is_relative_to(tempfile.gettempdir())
+    assert not kernel_cache_folder.is_relative_to(Path.home() / ".cache")
 
 
 def test_part_a_notebook_runs_every_cell_without_error(part_a_run):

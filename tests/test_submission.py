@@ -35,6 +35,7 @@ DECOYS = (
     "A3_PartB/.env",
     "A3_PartB/wandb.key",
 )
+STRAY_CODE = ("A3_PartA/scratch_debug.py", "A3_PartB/secrets.py", "A3_PartB/scratch_debug.py")
 
 
 def executed_notebook(error=False):
@@ -55,11 +56,12 @@ def unexecuted_notebook():
 
 @pytest.fixture
 def repo(tmp_path):
-    """A fake repository with the script: every file to submit (notebooks executed) and all DECOYS."""
+    """A fake repository with the script: every file to submit (notebooks executed), all DECOYS
+    and STRAY_CODE."""
     root = tmp_path / "repo"
     root.mkdir()
     shutil.copy(SCRIPT, root)
-    for name in sorted(PART_A_FILES | PART_B_FILES | set(DECOYS)):
+    for name in sorted(PART_A_FILES | PART_B_FILES | set(DECOYS) | set(STRAY_CODE)):
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".ipynb":
@@ -92,6 +94,31 @@ def test_zip_never_holds_data_results_checkpoints_wandb_caches_or_credentials(re
     output = tmp_path / "A3_submission.zip"
     run_submission(repo, "--output", str(output))
     assert not zipped_names(output) & set(DECOYS)
+
+
+def test_python_files_outside_the_assignment_are_not_packed(repo, tmp_path):
+    output = tmp_path / "A3_submission.zip"
+    run_submission(repo, "--output", str(output))
+    assert not zipped_names(output) & set(STRAY_CODE)
+
+
+def test_files_left_out_are_listed_as_not_part_of_the_assignment(repo, tmp_path):
+    result = run_submission(repo, "--output", str(tmp_path / "out.zip"))
+    _, _, listing = result.stderr.partition("Left out of the zip")
+    assert "not part of the assignment" in listing
+    for name in STRAY_CODE + ("A3_PartB/.env", "A3_PartB/model.pt"):
+        assert name in listing
+
+
+def test_existing_folder_as_output_is_refused_with_status_2_and_a_message(repo, tmp_path):
+    folder = tmp_path / "submissions"
+    folder.mkdir()
+    result = run_submission(repo, "--output", str(folder))
+    assert result.returncode == 2
+    assert "is a folder" in result.stderr
+    assert "A3_submission.zip" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not any(folder.iterdir())
 
 
 def test_parts_option_packs_only_the_chosen_part(repo, tmp_path):
@@ -132,9 +159,10 @@ def test_executed_notebooks_without_errors_give_no_warning(repo, tmp_path):
     assert "WARNING" not in result.stderr
 
 
-def test_missing_required_file_fails_with_a_message_naming_it(repo, tmp_path):
-    (repo / "A3_PartA/vae.py").unlink()
+@pytest.mark.parametrize("name", ["A3_PartA/vae.py", "A3_PartB/unet.py"])
+def test_missing_required_file_fails_with_a_message_naming_it(repo, tmp_path, name):
+    (repo / name).unlink()
     result = run_submission(repo, "--output", str(tmp_path / "out.zip"))
     assert result.returncode != 0
-    assert "vae.py" in result.stderr
+    assert Path(name).name in result.stderr
     assert "Traceback" not in result.stderr
