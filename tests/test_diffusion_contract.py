@@ -1,0 +1,436 @@
+"""The contract of diffusion.py: what any correct file written to the starter's skeleton does.
+
+Point it at any diffusion.py (this package's own is the default):
+
+    A3_DIFFUSION=path/to/diffusion.py python -m pytest tests/test_diffusion_contract.py
+
+Only the skeleton's public names are used: ``extract``, ``cosine_schedule``,
+``unnormalize_to_zero_to_one`` and ``Diffusion(model, *, image_size, channels, timesteps)``
+with ``model``, ``image_size``, ``channels``, ``num_timesteps``, ``noise_like``, ``q_sample``,
+``p_losses``, ``p_sample``, ``p_sample_loop``, ``sample`` and ``forward``. Noise is always
+passed explicitly, the schedule may be plain tensors or buffers, and values are compared in
+float32 to 1e-4 relative, against the handout's math (typos corrected as in SPEC.md) computed
+below in float64. The network is a stub whose prediction is known, and ``noise_like`` is
+replaced by zeros, ones or a seeded generator, as the course's graders do.
+Time steps are 0-based: t = 0 .. T-1 in code is the handout's 1 .. T.
+"""
+
+import importlib.util
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+DEFAULT_FILE = Path(__file__).resolve().parents[1] / "A3_PartB" / "diffusion.py"
+T = 50  # the course's time_steps
+SIZE = 4
+CHANNELS = 3
+BATCH = 2
+RTOL = 1e-4
+ATOL = 1e-6  # for values that are 0 or nearly so
+# eq. (8) divides x_t by sqrt(abar_t), about 1e-3 at t = T-1: float32 round-off of x_t (1e-7)
+# grows a thousandfold in x0_hat, and reaches the reverse process's values as a few 1e-6.
+ATOL_REVERSE = 2e-5
+
+
+@pytest.fixture(scope="module")
+def under_test():
+    """The diffusion.py named by $A3_DIFFUSION, else this package's own."""
+    path = Path(os.environ.get("A3_DIFFUSION") or DEFAULT_FILE).resolve()
+    if not path.is_file():
+        pytest.fail(f"A3_DIFFUSION={path} is not a file; set it to your diffusion.py", pytrace=False)
+    return load_diffusion_file(path)
+
+
+def load_diffusion_file(path):
+    """Import a diffusion.py by path, under a name of its own; its folder is importable while it
+    loads, as it is next to its siblings in A3_PartB."""
+    spec = importlib.util.spec_from_file_location("diffusion_under_contract", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+class Handout:
+    """The handout's math with its typos corrected (SPEC.md, "Math"), in float64.
+
+    Written for these tests alone, as the expected values: eq. (3) for alpha_t, eq. (6)'s abar_t
+    as the running product of the clipped alphas, eq. (7)'s posterior with sqrt(alpha_t) on x_t,
+    and abar_t (not alpha_t) in line 5 of Algorithms 1 and 2.
+    """
+
+    def __init__(self, timesteps, s=0.008):
+        def f(t):
+            return math.cos((t / timesteps + s) / (1 + s) * math.pi / 2) ** 2
+
+        # eq. (3): abar(t) / abar(t-1) = f(t) / f(t-1), as abar(t) = f(t) / f(0)
+        ratios = [f(t) / f(t - 1) for t in range(1, timesteps + 1)]
+        self.timesteps = timesteps
+        self.alpha = torch.tensor(ratios, dtype=torch.float64).clamp(0.001, 1.0)
+        self.abar = torch.cumprod(self.alpha, 0)
+        self.abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.abar[:-1]])
+        self.sigma = ((1 - self.abar_prev) / (1 - self.abar) * (1 - self.alpha)).sqrt()
+
+    def q_sample(self, x_0, t, noise):
+        """eq. (2) with abar_t (eq. 6; Algorithm 1 line 5); ``t`` holds one step per sample."""
+        abar = self.abar[t].view(-1, 1, 1, 1)
+        return abar.sqrt() * x_0 + (1 - abar).sqrt() * noise
+
+    def posterior_mean(self, x_t, t, eps):
+        """Algorithm 2 lines 5-7 at step ``t`` (an int): eq. (8), the clamp, eq. (7)'s mean."""
+        alpha, abar, abar_prev = self.alpha[t], self.abar[t], self.abar_prev[t]
+        x_0 = ((x_t - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+        return (abar_prev.sqrt() * (1 - alpha) * x_0 + alpha.sqrt() * (1 - abar_prev) * x_t) / (1 - abar)
+
+    def reverse_process(self, x_T, predict, draw):
+        """Algorithm 2 from ``x_T``: the states x_{T-1} .. x_0 met on the way, and x_0 in [0, 1]."""
+        states, x = [], x_T.double()
+        for t in reversed(range(self.timesteps)):
+            states.append(x)
+            eps = predict(x, steps(t, len(x))).double()
+            x = self.posterior_mean(x, t, eps)
+            if t > 0:
+                x = x + self.sigma[t] * draw(tuple(x.shape)).double()
+        return torch.stack(states), (x + 1) / 2
+
+
+HANDOUT = Handout(T)
+
+
+class StubNetwork(nn.Module):
+    """Stands in for the U-Net: predicts epsilon = predict(x_t, t) and records each call."""
+
+    def __init__(self, predict):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(()))  # so .parameters() and .to() work
+        self.predict = predict
+        self.calls = []
+
+    def forward(self, x, t):
+        self.calls.append((x.detach().clone(), t.detach().clone()))
+        return self.gain * self.predict(x, t)
+
+
+def known_noise_prediction(x, t):
+    """A prediction that depends on both x_t and t, for either float precision."""
+    return 0.5 * x + 0.02 * t.view(-1, 1, 1, 1)
+
+
+def make_diffusion(under_test, predict=known_noise_prediction, **settings):
+    settings = {"image_size": SIZE, "channels": CHANNELS, "timesteps": T, **settings}
+    return under_test.Diffusion(StubNetwork(predict), **settings)
+
+
+def images(batch, seed):
+    """Values in [-1, 1), fixed by ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, CHANNELS, SIZE, SIZE, generator=generator) * 2 - 1
+
+
+def steps(t, batch=BATCH):
+    return torch.full((batch,), t, dtype=torch.long)
+
+
+def seeded_draws(seed):
+    """Standard normal noise from a generator of its own, ``draw(shape)``."""
+    generator = torch.Generator().manual_seed(seed)
+    return lambda shape: torch.randn(shape, generator=generator)
+
+
+def replace_noise(diffusion, draw):
+    """Patch ``noise_like`` on the instance, as graders do: every draw becomes ``draw(shape)``."""
+    diffusion.noise_like = lambda shape, device, *_args, **_kwargs: draw(tuple(shape)).to(device)
+
+
+def zeros(shape):
+    return torch.zeros(shape)
+
+
+def ones(shape):
+    return torch.ones(shape)
+
+
+def assert_rows_close(what, actual, expected, labels, *, atol=ATOL):
+    """Fail unless |actual - expected| <= atol + RTOL |expected| everywhere.
+
+    Row k of both tensors belongs to ``labels[k]`` (a time step, mostly); the message names
+    ``what`` (the equation), the rows that are off and the worst one with its relative error.
+    """
+    actual = torch.as_tensor(actual).detach().double().cpu()
+    expected = expected.double()
+    assert actual.shape == expected.shape, (
+        f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
+    rows = len(labels)
+    error = (actual - expected).abs().nan_to_num(nan=math.inf).reshape(rows, -1)
+    allowed = (atol + RTOL * expected.abs()).reshape(rows, -1)
+    ratio = error / allowed
+    if bool((ratio <= 1).all()):
+        return
+    worst_row = int(ratio.amax(dim=1).argmax())
+    worst = int(ratio[worst_row].argmax())
+    got = actual.reshape(rows, -1)[worst_row, worst].item()
+    wanted = expected.reshape(rows, -1)[worst_row, worst].item()
+    off = [str(labels[k]) for k in range(rows) if ratio[k].max() > 1]
+    where = ", ".join(off) if len(off) <= 6 else f"{len(off)} of {rows}, {off[0]} .. {off[-1]}"
+    pytest.fail(
+        f"{what} is off at {where}. Worst at {labels[worst_row]}: got {got:.7g}, expected "
+        f"{wanted:.7g}, relative error {error[worst_row, worst].item() / max(abs(wanted), atol):.3g} "
+        f"(tolerance {RTOL:g} relative, {atol:g} absolute)", pytrace=False)
+
+
+def at_each_t(ts):
+    return [f"t={t}" for t in ts]
+
+
+# ---- module functions
+
+
+def test_extract_picks_one_entry_per_sample_shaped_to_broadcast(under_test):
+    picked = under_test.extract(torch.tensor([10.0, 20.0, 30.0, 40.0]), torch.tensor([3, 0, 2]),
+                                (3, CHANNELS, SIZE, SIZE))
+    assert tuple(picked.shape) == (3, 1, 1, 1)
+    assert picked.flatten().tolist() == [40.0, 10.0, 30.0]
+
+
+def test_unnormalize_maps_minus_one_to_one_onto_zero_to_one(under_test):
+    unnormalized = under_test.unnormalize_to_zero_to_one(torch.tensor([-1.0, -0.5, 0.0, 1.0]))
+    assert unnormalized.tolist() == [0.0, 0.25, 0.5, 1.0]
+
+
+@pytest.mark.parametrize("timesteps, s, atol", [(10, 0.008, ATOL), (T, 0.008, ATOL), (T, 0.1, ATOL),
+                                                (1000, 0.008, 1e-4)])
+def test_cosine_schedule_is_eq_3(under_test, timesteps, s, atol):
+    """eq. (3): alpha_t = clip(abar(t) / abar(t-1), 0.001, 1), abar(t) = f(t) / f(0).
+
+    With T = 1000, float32 keeps only about 4 digits of f near t = T, where the cosine is
+    near 0: there the graders' absolute 1e-4 applies."""
+    alphas = torch.as_tensor(under_test.cosine_schedule(timesteps, s=s))
+    assert_rows_close(f"eq. (3) alpha_t (T={timesteps}, s={s})", alphas,
+                      Handout(timesteps, s).alpha, at_each_t(range(timesteps)), atol=atol)
+
+
+def test_cosine_schedule_clips_alphas_to_between_0_001_and_1(under_test):
+    """eq. (3)'s clip: abar(T) / abar(T-1) is about 0, so the last alpha is clipped up to 0.001."""
+    alphas = torch.as_tensor(under_test.cosine_schedule(T)).double()
+    assert alphas[-1].item() == pytest.approx(0.001, rel=RTOL)
+    assert alphas.min().item() >= 0.001 * (1 - RTOL) and alphas.max().item() <= 1
+
+
+# ---- forward process and training (Algorithm 1)
+
+
+def test_diffusion_keeps_its_network_and_settings(under_test):
+    network = StubNetwork(known_noise_prediction)
+    diffusion = under_test.Diffusion(network, image_size=6, channels=2, timesteps=7)
+    assert diffusion.model is network
+    assert (diffusion.image_size, diffusion.channels, diffusion.num_timesteps) == (6, 2, 7)
+
+
+def test_abar_is_the_running_product_of_the_clipped_alphas(under_test):
+    """eq. (6): abar_t = alpha_0 ... alpha_t over cosine_schedule's clipped alphas, not f(t)/f(0);
+    seen as q_sample(1, t, 0) = sqrt(abar_t)."""
+    diffusion = make_diffusion(under_test)
+    x_0 = torch.ones(T, CHANNELS, SIZE, SIZE)
+    sqrt_abar = diffusion.q_sample(x_0, torch.arange(T), torch.zeros_like(x_0))
+    alphas = torch.as_tensor(under_test.cosine_schedule(T)).double()
+    expected = torch.cumprod(alphas, 0).sqrt().view(T, 1, 1, 1).expand(x_0.shape)
+    assert_rows_close("eq. (6) sqrt(abar_t), abar_t the product of the clipped alphas",
+                      sqrt_abar, expected, at_each_t(range(T)))
+
+
+def test_q_sample_mean_is_sqrt_abar_t_times_x0(under_test):
+    """eq. (6) / Algorithm 1 line 5: E[x_t | x_0] = sqrt(abar_t) x_0 (abar_t, not alpha_t)."""
+    x_0 = images(T, seed=1)
+    mean = make_diffusion(under_test).q_sample(x_0, torch.arange(T), torch.zeros_like(x_0))
+    expected = HANDOUT.q_sample(x_0.double(), torch.arange(T), 0.0)
+    assert_rows_close("eq. (6) mean sqrt(abar_t) x_0", mean, expected, at_each_t(range(T)))
+
+
+def test_q_sample_std_is_sqrt_one_minus_abar_t(under_test):
+    """eq. (6) / Algorithm 1 line 5: x_t - sqrt(abar_t) x_0 = sqrt(1 - abar_t) eps."""
+    noise = images(T, seed=2)
+    spread = make_diffusion(under_test).q_sample(torch.zeros_like(noise), torch.arange(T), noise)
+    expected = HANDOUT.q_sample(0.0, torch.arange(T), noise.double())
+    assert_rows_close("eq. (6) std sqrt(1 - abar_t) eps", spread, expected, at_each_t(range(T)))
+
+
+def l1_loss_at(t, x_0, noise):
+    """Algorithm 1 line 6 for the stub network: mean |eps - eps_theta(x_t, t)|."""
+    x_t = HANDOUT.q_sample(x_0.double(), t, noise.double())
+    return (noise.double() - known_noise_prediction(x_t, t)).abs().mean()
+
+
+def test_p_losses_is_the_mean_l1_distance_between_noise_and_prediction(under_test):
+    """Algorithm 1 lines 5-6: the network sees x_t of eq. (6) and t; the loss is L1, not L2."""
+    diffusion = make_diffusion(under_test)
+    x_0, noise = images(BATCH, seed=3), images(BATCH, seed=4)
+    losses = torch.stack([diffusion.p_losses(x_0, steps(t), noise).reshape(()) for t in range(T)])
+    expected = torch.stack([l1_loss_at(steps(t), x_0, noise) for t in range(T)])
+    assert_rows_close("Algorithm 1 line 6, L1 loss", losses, expected, at_each_t(range(T)))
+
+
+def test_p_losses_is_differentiable_in_the_network_parameters(under_test):
+    """Algorithm 1 line 6 takes a gradient step on the loss, so it must reach the network."""
+    diffusion = make_diffusion(under_test)
+    diffusion.p_losses(images(BATCH, seed=3), steps(T // 2), images(BATCH, seed=4)).backward()
+    assert diffusion.model.gain.grad is not None and diffusion.model.gain.grad.item() != 0
+
+
+def test_forward_is_the_l1_loss_at_the_steps_it_draws(under_test):
+    """Algorithm 1: forward(x_0, noise) is p_losses at one random t per image."""
+    diffusion = make_diffusion(under_test)
+    x_0, noise = images(8, seed=5), images(8, seed=6)
+    loss = diffusion(x_0, noise)
+    _, drawn = diffusion.model.calls[-1]
+    assert_rows_close(f"Algorithm 1 line 6, L1 loss at the drawn t={drawn.tolist()}",
+                      loss.reshape(1), l1_loss_at(drawn, x_0, noise).reshape(1), ["forward"])
+
+
+def test_forward_draws_t_uniformly_from_0_to_T_minus_1(under_test):
+    """Algorithm 1 line 3: t ~ Uniform{1..T}, which is 0..T-1 in code; no step left out."""
+    diffusion = make_diffusion(under_test)
+    torch.manual_seed(0)
+    x_0 = images(40 * T, seed=7)
+    diffusion(x_0, torch.zeros_like(x_0))
+    _, drawn = diffusion.model.calls[-1]
+    counts = torch.bincount(drawn, minlength=T)
+    assert drawn.min().item() == 0 and drawn.max().item() == T - 1, (
+        f"forward drew t from {drawn.min().item()} to {drawn.max().item()}; expected 0 to {T - 1}")
+    assert counts.min().item() >= 10, f"some steps are rarely drawn: counts {counts.tolist()}"
+
+
+# ---- reverse process (Algorithm 2)
+
+
+def test_noise_like_draws_standard_normal_noise_of_the_given_shape(under_test):
+    torch.manual_seed(0)
+    noise = make_diffusion(under_test).noise_like((100, CHANNELS, 16, 16), torch.device("cpu"))
+    assert tuple(noise.shape) == (100, CHANNELS, 16, 16) and noise.dtype == torch.float32
+    assert abs(noise.mean().item()) < 0.02 and abs(noise.std().item() - 1) < 0.02
+
+
+def one_step(diffusion, x, t, draw):
+    replace_noise(diffusion, draw)
+    return diffusion.p_sample(x, steps(t, len(x)), t)
+
+
+def test_p_sample_mean_is_the_posterior_mean_of_eq_7_at_every_t(under_test):
+    """Algorithm 2 lines 4-7 with z = 0: x0_hat by eq. (8) with abar_t, then eq. (7)'s mean
+    with sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) on x_t."""
+    x_0, eps = 0.9 * images(BATCH, seed=8), images(BATCH, seed=9)
+    diffusion = make_diffusion(under_test, lambda x, t: eps)
+    x_t = [HANDOUT.q_sample(x_0.double(), steps(t), eps.double()).float() for t in range(T)]
+    means = torch.stack([one_step(diffusion, x_t[t], t, zeros) for t in range(T)])
+    expected = torch.stack([HANDOUT.posterior_mean(x_t[t].double(), t, eps.double()) for t in range(T)])
+    assert_rows_close("eq. (7) posterior mean", means, expected, at_each_t(range(T)),
+                      atol=ATOL_REVERSE)
+
+
+def test_p_sample_adds_sigma_t_times_the_noise_at_every_t_above_0(under_test):
+    """Algorithm 2 lines 8-9: x_{t-1} = mu_t + sigma_t z, sigma_t^2 = (1 - abar_{t-1}) / (1 - abar_t)
+    (1 - alpha_t) (eq. 7); seen as p_sample with z = 1 minus p_sample with z = 0."""
+    diffusion = make_diffusion(under_test)
+    x = images(BATCH, seed=10)
+    shifts = torch.stack([one_step(diffusion, x, t, ones) - one_step(diffusion, x, t, zeros)
+                          for t in range(1, T)])
+    expected = HANDOUT.sigma[1:].view(-1, 1, 1, 1, 1).expand(shifts.shape)
+    assert_rows_close("eq. (7) posterior std sigma_t", shifts, expected, at_each_t(range(1, T)))
+
+
+def test_p_sample_adds_no_noise_at_t_0(under_test):
+    """Algorithm 2 line 3: z = 0 at the last step; the output is the posterior mean itself."""
+    diffusion = make_diffusion(under_test)
+    x = images(BATCH, seed=11)
+    shift = one_step(diffusion, x, 0, ones) - one_step(diffusion, x, 0, zeros)
+    assert_rows_close("Algorithm 2 line 3, z = 0 at the last step", shift.unsqueeze(0),
+                      torch.zeros(1, *x.shape), at_each_t([0]))
+
+
+def test_p_sample_clamps_the_predicted_x0_to_minus_one_to_one(under_test):
+    """Algorithm 2 line 6. With x_t = +-1 and eps = 0, eq. (8) gives |x0_hat| >= 1, and a
+    prediction pushing x0_hat further out must not change the step; at t = 0, where eq. (7)'s
+    mean is x0_hat itself, the step returns +-1."""
+    x = torch.where(images(BATCH, seed=12) >= 0, 1.0, -1.0)
+    at_the_bound = make_diffusion(under_test, lambda x_t, t: torch.zeros_like(x_t))
+    beyond = make_diffusion(under_test, lambda x_t, t: -3 * x_t.sign())
+    pushed = torch.stack([one_step(beyond, x, t, zeros) for t in range(T)])
+    clamped = torch.stack([one_step(at_the_bound, x, t, zeros) for t in range(T)])
+    assert_rows_close("Algorithm 2 line 6, x0_hat clamped to [-1, 1] (the step moved with "
+                      "x0_hat beyond the bounds)", pushed, clamped, at_each_t(range(T)))
+    assert_rows_close("Algorithm 2 line 6, x0_hat clamped to [-1, 1]", clamped[:1],
+                      x.unsqueeze(0), at_each_t([0]))
+
+
+def test_p_sample_loop_takes_every_step_from_T_minus_1_down_to_0(under_test):
+    """Algorithm 2 line 2: for t = T..1 (T-1..0 in code), one network call per step."""
+    diffusion = make_diffusion(under_test)
+    diffusion.p_sample_loop(images(BATCH, seed=13))
+    asked = [t.tolist() for _, t in diffusion.model.calls]
+    assert asked == [[t] * BATCH for t in reversed(range(T))], (
+        f"the network was asked about t = {[t[0] for t in asked]}; expected {T - 1} down to 0")
+
+
+def test_p_sample_loop_follows_algorithm_2_and_returns_x0_in_zero_to_one(under_test):
+    """Algorithm 2 with seeded noise: every state x_t the network sees, then (x_0 + 1) / 2."""
+    diffusion = make_diffusion(under_test)
+    replace_noise(diffusion, seeded_draws(14))
+    x_T = images(BATCH, seed=15)
+    result = diffusion.p_sample_loop(x_T)
+    states, expected = HANDOUT.reverse_process(x_T, known_noise_prediction, seeded_draws(14))
+    seen = torch.stack([x for x, _ in diffusion.model.calls])
+    assert_rows_close("Algorithm 2, the state x_t", seen, states, at_each_t(reversed(range(T))),
+                      atol=ATOL_REVERSE)
+    assert_rows_close("p_sample_loop's (x_0 + 1) / 2", result.unsqueeze(0), expected.unsqueeze(0),
+                      ["the output"], atol=ATOL_REVERSE)
+
+
+def assert_in_zero_to_one(method, images):
+    low, high = images.min().item(), images.max().item()
+    assert low >= 0 and high <= 1, f"{method}'s images span [{low:.4g}, {high:.4g}], not [0, 1]"
+
+
+def test_p_sample_loop_returns_images_in_zero_to_one_shaped_like_its_input(under_test):
+    diffusion = make_diffusion(under_test, lambda x, t: 4 * x - 3)
+    replace_noise(diffusion, seeded_draws(16))
+    x_T = 3 * images(BATCH, seed=17)
+    result = diffusion.p_sample_loop(x_T)
+    assert result.shape == x_T.shape
+    assert_in_zero_to_one("p_sample_loop", result)
+
+
+def test_sample_returns_batch_size_images_of_its_channels_and_size_in_zero_to_one(under_test):
+    diffusion = make_diffusion(under_test, channels=2, image_size=5)
+    result = diffusion.sample(3)
+    assert tuple(result.shape) == (3, 2, 5, 5)
+    assert_in_zero_to_one("sample", result)
+
+
+def test_sample_runs_algorithm_2_from_x_T_drawn_by_noise_like(under_test):
+    """Algorithm 2 line 1: x_T ~ N(0, I) is noise_like's first draw."""
+    diffusion = make_diffusion(under_test)
+    replace_noise(diffusion, seeded_draws(18))
+    result = diffusion.sample(BATCH)
+    draw = seeded_draws(18)
+    _, expected = HANDOUT.reverse_process(draw((BATCH, CHANNELS, SIZE, SIZE)),
+                                          known_noise_prediction, draw)
+    assert_rows_close("sample's (x_0 + 1) / 2", result.unsqueeze(0), expected.unsqueeze(0),
+                      ["the output"], atol=ATOL_REVERSE)
+
+
+def test_sample_draws_every_random_number_through_noise_like(under_test):
+    """With noise_like fixed, the global random state must not matter: graders patch noise_like."""
+    diffusion = make_diffusion(under_test)
+    results = []
+    for global_seed in (1, 2):
+        replace_noise(diffusion, seeded_draws(19))
+        torch.manual_seed(global_seed)
+        results.append(diffusion.sample(BATCH))
+    assert torch.equal(results[0], results[1]), "sample drew random numbers outside noise_like"

@@ -1,0 +1,176 @@
+"""The contract (test_diffusion_contract.py) is fair and sharp, shown on known implementations.
+
+Fair: it passes on this package's diffusion.py and on a second correct one written
+independently in the skeleton's style (tests/skeleton_style_diffusion/diffusion.py: plain
+tensor attributes, ``noise`` required, float32 math).
+Sharp: each mutant below is that second file with one known mistake, and the contract fails it
+in exactly the tests that check the step it gets wrong.
+
+The contract runs once per file, in one subprocess (torch is imported once), with
+$A3_DIFFUSION naming the file, exactly as a student runs it.
+"""
+
+import subprocess
+import sys
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from diffusion import Diffusion
+from test_diffusion_contract import load_diffusion_file, replace_noise, seeded_draws
+from unet import Unet
+
+TESTS = Path(__file__).resolve().parent
+CONTRACT = TESTS / "test_diffusion_contract.py"
+SKELETON_STYLE = TESTS / "skeleton_style_diffusion" / "diffusion.py"
+CORRECT = {"ours": TESTS.parent / "A3_PartB" / "diffusion.py", "skeleton_style": SKELETON_STYLE}
+
+RUN_CONTRACT = """
+import os, sys, pytest
+contract, *pairs = sys.argv[1:]
+for path, report in zip(pairs[::2], pairs[1::2]):
+    os.environ["A3_DIFFUSION"] = path
+    pytest.main([contract, "-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception",
+                 "--junitxml=" + report])
+"""  # unraisableexception runs gc.collect five times a run, slow with torch loaded
+
+
+class Mutant(NamedTuple):
+    name: str
+    edits: tuple  # (text of the correct file, its replacement) pairs
+    caught_by: set  # the contract tests that must fail, without parameters
+
+
+POSTERIOR_MEAN = "test_p_sample_mean_is_the_posterior_mean_of_eq_7_at_every_t"
+SIGMA = "test_p_sample_adds_sigma_t_times_the_noise_at_every_t_above_0"
+LOOP = "test_p_sample_loop_follows_algorithm_2_and_returns_x0_in_zero_to_one"
+SAMPLE = "test_sample_runs_algorithm_2_from_x_T_drawn_by_noise_like"
+SAMPLE_RANGE = "test_sample_returns_batch_size_images_of_its_channels_and_size_in_zero_to_one"
+ABAR = "test_abar_is_the_running_product_of_the_clipped_alphas"
+Q_SAMPLE_MEAN = "test_q_sample_mean_is_sqrt_abar_t_times_x0"
+L1 = ("test_p_losses_is_the_mean_l1_distance_between_noise_and_prediction",
+      "test_forward_is_the_l1_loss_at_the_steps_it_draws")
+
+MUTANTS = [
+    Mutant("eq7_printed_typo_sqrt_abar_on_x_t",
+           (("self.coef_xt = self.alphas.sqrt()", "self.coef_xt = self.alphas_bar.sqrt()"),),
+           {POSTERIOR_MEAN, LOOP, SAMPLE}),
+    Mutant("alpha_for_abar_in_algorithm_1_line_5",
+           (("abar = extract(self.alphas_bar, t, x_0.shape)", "abar = extract(self.alphas, t, x_0.shape)"),),
+           {ABAR, Q_SAMPLE_MEAN, "test_q_sample_std_is_sqrt_one_minus_abar_t", *L1}),
+    Mutant("alpha_for_abar_in_algorithm_2_line_5",
+           (("torch.rsqrt(self.alphas_bar)", "torch.rsqrt(self.alphas)"),
+            ("torch.sqrt(1.0 / self.alphas_bar - 1.0)", "torch.sqrt(1.0 / self.alphas - 1.0)")),
+           {POSTERIOR_MEAN, LOOP, SAMPLE}),
+    Mutant("noise_added_at_the_last_step",
+           (("if t_index > 0 else", "if t_index >= 0 else"),),
+           {"test_p_sample_adds_no_noise_at_t_0", LOOP, SAMPLE, SAMPLE_RANGE}),
+    Mutant("no_x0_clamp",
+           (("        x0 = torch.clamp(x0, -1.0, 1.0)\n", ""),),
+           {"test_p_sample_clamps_the_predicted_x0_to_minus_one_to_one", LOOP, SAMPLE, SAMPLE_RANGE}),
+    Mutant("unclipped_alphas",
+           ((".clamp(min=0.001, max=1.0)", ""),),
+           {"test_cosine_schedule_is_eq_3", "test_cosine_schedule_clips_alphas_to_between_0_001_and_1",
+            Q_SAMPLE_MEAN, POSTERIOR_MEAN, SIGMA, LOOP, SAMPLE}),
+    Mutant("abar_from_f_t_over_f_0",
+           (("torch.cumprod(self.alphas, 0)",
+             "torch.cos((torch.arange(1, timesteps + 1) / timesteps + 0.008) / 1.008 * math.pi / 2) ** 2"
+             " / math.cos(0.008 / 1.008 * math.pi / 2) ** 2"),),
+           {ABAR, Q_SAMPLE_MEAN, POSTERIOR_MEAN}),
+    Mutant("mse_for_l1",
+           ((".abs().mean()", ".pow(2).mean()"),),
+           set(L1)),
+    Mutant("one_based_t_in_algorithm_1_t_from_1",
+           (("torch.randint(0, self.num_timesteps", "torch.randint(1, self.num_timesteps"),),
+           {"test_forward_draws_t_uniformly_from_0_to_T_minus_1"}),
+    Mutant("one_based_t_in_algorithm_2_line_3_no_noise_at_t_1",
+           (("if t_index > 0 else", "if t_index > 1 else"),),
+           {SIGMA, LOOP, SAMPLE}),
+    Mutant("one_based_t_in_algorithm_2_loop_stops_at_t_1",
+           (("reversed(range(0, self.num_timesteps))", "reversed(range(1, self.num_timesteps))"),),
+           {"test_p_sample_loop_takes_every_step_from_T_minus_1_down_to_0",
+            "test_p_sample_loop_returns_images_in_zero_to_one_shaped_like_its_input", LOOP, SAMPLE,
+            SAMPLE_RANGE}),
+]
+
+
+def write_mutant(folder, mutant):
+    """The skeleton-style file with the mutant's edits, each of which must apply exactly once."""
+    source = SKELETON_STYLE.read_text()
+    for old, new in mutant.edits:
+        assert source.count(old) == 1, f"{mutant.name}: {old!r} is not in {SKELETON_STYLE} once"
+        source = source.replace(old, new)
+    folder.mkdir()
+    (folder / "diffusion.py").write_text(source)
+    return folder / "diffusion.py"
+
+
+def failures(report):
+    """{test name without parameters: failure message} of a junit report."""
+    failed = {}
+    for case in ElementTree.parse(report).iter("testcase"):
+        for problem in [*case.iter("failure"), *case.iter("error")]:
+            failed[case.get("name").split("[")[0]] = problem.get("message", "")
+    return failed
+
+
+@pytest.fixture(scope="module")
+def verdicts(tmp_path_factory):
+    """{implementation name: the contract's failures on it}, from one run over every file."""
+    folder = tmp_path_factory.mktemp("implementations")
+    files = dict(CORRECT, **{mutant.name: write_mutant(folder / mutant.name, mutant) for mutant in MUTANTS})
+    arguments = [str(CONTRACT)]
+    for name, path in files.items():
+        arguments += [str(path), str(folder / f"{name}.xml")]
+    run = subprocess.run([sys.executable, "-c", RUN_CONTRACT, *arguments], cwd=TESTS.parent,
+                         capture_output=True, text=True, timeout=600)
+    missing = [name for name in files if not (folder / f"{name}.xml").is_file()]
+    assert not missing, f"no report for {missing}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    return {name: failures(folder / f"{name}.xml") for name in files}
+
+
+@pytest.mark.parametrize("name", CORRECT)
+def test_contract_passes_on_a_correct_diffusion(verdicts, name):
+    assert verdicts[name] == {}
+
+
+@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda mutant: mutant.name)
+def test_contract_fails_a_mistake_in_the_tests_that_check_it(verdicts, mutant):
+    assert set(verdicts[mutant.name]) == mutant.caught_by
+
+
+def test_failure_names_the_equation_the_steps_off_and_the_worst_error(verdicts):
+    """eq. (7)'s printed typo is harmless only at t = 0, where abar_t = alpha_t."""
+    message = verdicts["eq7_printed_typo_sqrt_abar_on_x_t"][POSTERIOR_MEAN]
+    assert "eq. (7) posterior mean is off at 49 of 50, t=1 .. t=49. Worst at t=" in message
+    assert "relative error" in message and "(tolerance 0.0001 relative" in message
+
+
+def test_our_diffusion_matches_the_skeleton_style_one_at_the_graders_tolerance():
+    """The course's grader: every output of the skeleton's methods, on a real U-Net, with
+    noise_like patched to a seeded generator, equal to atol = rtol = 1e-4."""
+    torch.manual_seed(0)
+    network = Unet(8, dim_mults=(1, 2))
+    pair = [Diffusion(network, image_size=8, timesteps=20),
+            load_diffusion_file(SKELETON_STYLE).Diffusion(network, image_size=8, timesteps=20)]
+    x_0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    noise, t = torch.randn_like(x_0), torch.tensor([0, 7, 13, 19])
+
+    def outputs(diffusion):
+        replace_noise(diffusion, seeded_draws(0))
+        torch.manual_seed(1)
+        return {"noise_like": diffusion.noise_like((4, 3, 8, 8), torch.device("cpu")),
+                "q_sample": diffusion.q_sample(x_0, t, noise),
+                "p_losses": diffusion.p_losses(x_0, t, noise),
+                "forward": diffusion(x_0, noise),
+                "p_sample": diffusion.p_sample(x_0, torch.full((4,), 9), 9),
+                "p_sample_loop": diffusion.p_sample_loop(x_0),
+                "sample": diffusion.sample(4)}
+
+    ours, theirs = (outputs(diffusion) for diffusion in pair)
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-4, rtol=1e-4,
+                                   msg=lambda message, name=name: f"{name}: {message}")
