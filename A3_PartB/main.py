@@ -1,65 +1,171 @@
 """Command line for Part B on your own machine (on Colab or Kaggle use run_diffusion.ipynb).
 
-    python main.py --train_steps 1000 --save_and_sample_every 100          # Part 1
-    python main.py --train_steps 1000 --save_and_sample_every 100 --fid    # Part 2
-    python main.py --visualize                                             # Parts 3 and 4
+From the A3_PartB folder, each part in a results folder of its own (as the notebook does):
+
+    python main.py --train_steps 1000 --save_and_sample_every 100 --save_folder ./results/part1
+    python main.py --train_steps 1000 --save_and_sample_every 100 --fid --save_folder ./results/part2
+    python main.py --visualize --save_folder ./results/part1      # Parts 3 and 4, from Part 1's model
     python main.py --demo          # synthetic images, no download, a few minutes on a CPU
 
-Bad settings or missing files print one line on stderr and exit with status 2.
+The defaults are the starter's. Every flag is checked before any work starts: a bad one prints
+one line on stderr that names it, and the exit status is 2. Ctrl-C saves a checkpoint, says how
+to resume, and exits with status 130.
 """
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 
+import torch
+
+from trainer import build_feature_extractor, read_checkpoint
 from utils import run_demo, train_diffusion, visualize_diffusion
+
+GROUPS = 8  # the U-Net's GroupNorm groups (resnet_block_groups), which must divide its widths
+DEMO_STEPS = {"train_steps": 300, "save_and_sample_every": 100}
+COUNTS = ("train_steps", "save_and_sample_every", "batch_size", "image_size", "time_steps",
+          "unet_dim")
 
 
 def build_parser():
-    """Flags and defaults of the handout's tables 1-3."""
-    parser = argparse.ArgumentParser(description="Train or visualize a DDPM on AFHQ.")
+    """The starter's flags and defaults (the handout's tables 1-3), plus --demo."""
+    parser = argparse.ArgumentParser(description="Train or visualize a DDPM on AFHQ.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--train_steps", type=int, default=10000,
-                        help="training iterations (Part 1-2: 1000, Part 5: 10000)")
+                        help="training iterations (Parts 1-2: 1000, Part 5: 10000)")
     parser.add_argument("--save_and_sample_every", type=int, default=1000,
-                        help="steps between checkpoints, sample grids and FID")
+                        help="steps between checkpoints, sample grids and FID (Parts 1-2: 100)")
     parser.add_argument("--fid", action="store_true", help="compute FID at every save (Part 2)")
-    parser.add_argument("--save_folder", default="./results", help="where outputs go")
+    parser.add_argument("--save_folder", default="./results",
+                        help="where the checkpoint, grids and figures go")
     parser.add_argument("--data_path", default="./data/train/",
                         help="folder holding cat/ dog/ wild/ (or the dataset root above it)")
     parser.add_argument("--load_path", default=None,
-                        help="checkpoint to resume or visualize "
-                             "(default for --visualize: SAVE_FOLDER/model.pt)")
+                        help="checkpoint to resume from, or to visualize "
+                             "(for --visualize: SAVE_FOLDER/model.pt when not given)")
     parser.add_argument("--unet_dim_mults", type=int, nargs="+", default=[1, 2, 4, 8],
-                        help="U-Net channel multipliers per resolution")
-    parser.add_argument("--image_size", type=int, default=32)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--data_class", default="cat", choices=["all", "cat", "dog", "wild"])
+                        help="U-Net channel multipliers, one per resolution")
+    parser.add_argument("--image_size", type=int, default=32, help="side of the square images")
+    parser.add_argument("--batch_size", type=int, default=32, help="images per batch")
+    parser.add_argument("--data_class", default="cat", choices=["all", "cat", "dog", "wild"],
+                        help="AFHQ class to train on")
     parser.add_argument("--time_steps", type=int, default=50, help="diffusion steps T")
     parser.add_argument("--unet_dim", type=int, default=16,
-                        help="output channels of the U-Net's first layer")
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+                        help="output channels of the U-Net's first layer (a multiple of 8)")
+    parser.add_argument("--learning_rate", type=float, default=1e-3, help="Adam's learning rate")
     parser.add_argument("--dataloader_workers", type=int, default=16,
                         help="decoding threads and clean-fid workers (capped at the CPU count)")
     parser.add_argument("--visualize", action="store_true",
                         help="draw the forward and backward processes of a trained model")
     parser.add_argument("--demo", action="store_true",
-                        help="train 300 steps on synthetic images written into SAVE_FOLDER")
+                        help="train on synthetic images written into SAVE_FOLDER (300 steps "
+                             "with a grid every 100, unless those flags are given)")
     return parser
+
+
+def check_numbers(settings):
+    """Counts are positive, and the U-Net can be built for the image size."""
+    for flag in COUNTS:
+        if settings[flag] < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {settings[flag]}.")
+    if settings["learning_rate"] <= 0:
+        raise ValueError(f"--learning_rate must be positive, got {settings['learning_rate']}.")
+    if settings["dataloader_workers"] < 0:
+        raise ValueError(f"--dataloader_workers must be 0 or more, got "
+                         f"{settings['dataloader_workers']}.")
+    mults = settings["unet_dim_mults"]
+    if min(mults) < 1:
+        raise ValueError(f"--unet_dim_mults must all be at least 1, got {mults}.")
+    if settings["unet_dim"] % GROUPS:
+        raise ValueError(f"--unet_dim must be a multiple of {GROUPS} (the U-Net's GroupNorm "
+                         f"groups), got {settings['unet_dim']}.")
+    halvings = len(mults) - 1
+    if settings["image_size"] % 2 ** halvings:
+        raise ValueError(
+            f"--image_size {settings['image_size']} cannot be halved {halvings} times, as "
+            f"--unet_dim_mults {' '.join(map(str, mults))} needs: use a multiple of "
+            f"{2 ** halvings}, or fewer --unet_dim_mults.")
+
+
+def check_save_folder(folder):
+    """The results folder exists (or can be made) and a file can be written in it."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"--save_folder {folder} cannot be written ({error.strerror or error}): "
+                         "choose a folder you can write to.") from None
+
+
+def check_checkpoint(settings, visualize):
+    """The checkpoint to visualize or to resume is readable; one to resume is not already at
+    --train_steps."""
+    path = settings["load_path"]
+    if path is None and visualize:
+        path = Path(settings["save_folder"]) / "model.pt"
+    if path is None:
+        return
+    try:
+        step = read_checkpoint(path, torch.device("cpu"))["step"]
+    except (FileNotFoundError, ValueError) as error:
+        raise ValueError(f"--load_path: {error}") from None
+    if not visualize and step >= settings["train_steps"]:
+        raise ValueError(f"--load_path {path} is at step {step}, and --train_steps is "
+                         f"{settings['train_steps']}: pass a larger --train_steps to train on.")
+
+
+def check_fid_network():
+    """clean-fid's Inception network loads (it is downloaded once, on first use)."""
+    try:
+        build_feature_extractor("clean", torch.device("cpu"), use_dataparallel=False)
+    except Exception as error:  # noqa: BLE001 - a download fails in many ways
+        raise ValueError(f"--fid needs clean-fid's Inception network, which is downloaded from "
+                         f"the internet once ({type(error).__name__}: {error}). Connect once, or "
+                         "run without --fid.") from None
+
+
+def check_settings(settings, visualize):
+    """Every check that can fail, before any image is decoded or any run is started."""
+    check_numbers(settings)
+    check_save_folder(settings["save_folder"])
+    check_checkpoint(settings, visualize)
+    if settings["fid"] and not visualize:
+        check_fid_network()
+
+
+def demo_settings(settings, defaults):
+    """--demo's settings: its step counts unless the flags are given (a flag left at its default
+    counts as not given); its own synthetic images instead of --data_path."""
+    if settings["data_path"] != defaults["data_path"]:
+        print("--demo trains on synthetic images it writes itself; --data_path is ignored.")
+    steps = {flag: value for flag, value in DEMO_STEPS.items()
+             if settings[flag] == defaults[flag]}
+    return {**settings, **steps}
 
 
 def main(argv=None):
     """Run the command line; returns the exit status."""
-    arguments = vars(build_parser().parse_args(argv))
-    demo = arguments.pop("demo")
-    visualize = arguments.pop("visualize")
+    parser = build_parser()
+    settings = vars(parser.parse_args(argv))
+    demo = settings.pop("demo")
+    visualize = settings.pop("visualize")
+    if demo:
+        settings = demo_settings(settings, vars(parser.parse_args([])))
     try:
+        check_settings(settings, visualize)
         if demo:
-            run_demo(arguments["save_folder"])
+            run_demo(**settings)
         elif visualize:
-            visualize_diffusion(**arguments)
+            visualize_diffusion(**settings)
         else:
-            train_diffusion(**arguments)
+            train_diffusion(**settings)
     except (ValueError, FileNotFoundError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
     return 0
 
 

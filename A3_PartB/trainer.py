@@ -46,13 +46,7 @@ WANDB_PROJECT = "DDPM_AFHQ"
 VISUALIZED_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.99)
 IMAGES_PER_PANEL = 16
 METRIC_FIELDS = ("step", "loss", "fid")
-DOWNLOAD_HINT = (
-    "Download AFHQ (a 6.5 GB zip) with\n"
-    "  mkdir -p ./data\n"
-    "  gdown 1-1npXlqCw1CYQ5SBbrlSgZdA9TEwZre4 -O ./data/afhq_v2.zip\n"
-    "  unzip -q ./data/afhq_v2.zip -d ./data\n"
-    "and pass the folder that holds cat/, dog/ and wild/ (./data/train)."
-)
+AFHQ_DRIVE_ID = "1-1npXlqCw1CYQ5SBbrlSgZdA9TEwZre4"
 
 
 def atomic_write(path, write):
@@ -84,6 +78,22 @@ def to_image_range(x):
 # ---------------------------------------------------------------- data
 
 
+def download_hint(folder):
+    """How to download AFHQ (a 6.5 GB zip) so that ``folder`` holds cat/, dog/ and wild/: into
+    the folder above it when it is a ``train`` folder, as the zip unpacks; paths are written
+    relative to the working directory, where the user types them."""
+    folder = Path(folder).expanduser().resolve()
+    root = folder.parent if folder.name == "train" else folder
+    relative = os.path.relpath(root)
+    if not relative.startswith(".."):
+        root = "." if relative == "." else f"./{Path(relative).as_posix()}"
+    return ("Download AFHQ (a 6.5 GB zip) with\n"
+            f"  mkdir -p {root}\n"
+            f"  gdown {AFHQ_DRIVE_ID} -O {root}/afhq_v2.zip\n"
+            f"  unzip -q {root}/afhq_v2.zip -d {root}\n"
+            f"and pass the folder that holds cat/, dog/ and wild/ ({root}/train).")
+
+
 @dataclass
 class ImageSet:
     """Decoded training images, uint8 tensors of shape (N, 3, S, S) on the CPU.
@@ -109,7 +119,7 @@ def find_class_root(folder):
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"Data folder {folder} does not exist. {DOWNLOAD_HINT}")
+        raise FileNotFoundError(f"Data folder {folder} does not exist. {download_hint(folder)}")
     for class_root in (folder / "train", folder / "afhq" / "train"):
         if class_root.is_dir():
             return class_root.resolve()
@@ -126,13 +136,13 @@ def list_image_files(class_root, data_class):
             present = sorted(path.name for path in class_root.iterdir() if path.is_dir())
             raise FileNotFoundError(
                 f"No folder {class_folders[0]} for data_class={data_class!r} (found {present}). "
-                f"{DOWNLOAD_HINT}")
+                f"{download_hint(class_root)}")
     files = sorted(path for class_folder in class_folders for path in class_folder.iterdir()
                    if path.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise FileNotFoundError(
             f"No {'/'.join(IMAGE_SUFFIXES)} images in {[str(f) for f in class_folders]}. "
-            f"{DOWNLOAD_HINT}")
+            f"{download_hint(class_root)}")
     return files
 
 
@@ -164,9 +174,10 @@ def decode_images(files, image_size, workers):
     """
     sizes = (int(image_size * CROP_MARGIN), image_size)
     decoded = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(_decode_or_error, files, [sizes] * len(files))
-        for path, result in zip(files, tqdm(results, total=len(files), desc="decoding images")):
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            tqdm(total=len(files), desc="decoding images") as progress:
+        for path, result in zip(files, pool.map(_decode_or_error, files, [sizes] * len(files))):
+            progress.update()
             if isinstance(result, Exception):
                 warnings.warn(f"Skipping unreadable image {path}: {result}", stacklevel=2)
             else:
@@ -792,6 +803,12 @@ class Trainer:
         Ctrl-C saves a checkpoint (the weights of the last finished step), says how to resume,
         and raises KeyboardInterrupt again, so a notebook's "Run all" stops there.
         """
+        if self.step >= self.train_num_steps:
+            print(f"Nothing to train: the model is at step {self.step} and train_num_steps is "
+                  f"{self.train_num_steps}; raise train_num_steps to train on.")
+            return
+        if self.step:
+            print(f"Resuming from step {self.step} of {self.train_num_steps}.")
         self.model.train()
         logger = WandbLogger(self.config, self.results_folder)
         progress = tqdm(initial=self.step, total=self.train_num_steps, desc="training")

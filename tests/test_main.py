@@ -1,14 +1,19 @@
 """utils.py (setup, train, visualize, demo) and the main.py command line."""
 import inspect
 import os
+import pty
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
+from urllib.error import URLError
 
 import pytest
 import torch
 
 import main
+import trainer
 import utils
 from afhq_data import make_afhq_folder, part_b_environment  # noqa: F401 (autouse fixture)
 
@@ -78,15 +83,23 @@ def test_visualize_without_a_checkpoint_says_to_train_first(afhq, tmp_path):
         utils.visualize_diffusion(2, 2, False, tmp_path, afhq, **TINY)
 
 
-def test_demo_writes_synthetic_cats_and_trains_briefly(tmp_path, monkeypatch):
+def record_demo_calls(monkeypatch):
+    """utils' train and visualize replaced by recorders; returns the list of (name, settings)."""
     calls = []
-    monkeypatch.setattr(utils, "train_diffusion", lambda **settings: calls.append(settings))
-    monkeypatch.setattr(utils, "visualize_diffusion", lambda **settings: calls.append(settings))
+    for name in ("train_diffusion", "visualize_diffusion"):
+        monkeypatch.setattr(utils, name,
+                            lambda name=name, **settings: calls.append((name, settings)))
+    return calls
+
+
+def test_demo_writes_synthetic_cats_and_trains_briefly(tmp_path, monkeypatch):
+    calls = record_demo_calls(monkeypatch)
     utils.run_demo(tmp_path)
     cats = list((tmp_path / "demo_data" / "train" / "cat").glob("*.png"))
     assert len(cats) == 300
-    assert calls[0]["train_steps"] == 300 and calls[0]["save_and_sample_every"] == 100
-    assert calls[1]["save_folder"] == tmp_path
+    (_, trained), (_, visualized) = calls
+    assert trained["train_steps"] == 300 and trained["save_and_sample_every"] == 100
+    assert visualized["save_folder"] == tmp_path and visualized["load_path"] is None
 
 
 def test_synthetic_writer_rejects_unknown_layouts(tmp_path):
@@ -97,12 +110,18 @@ def test_synthetic_writer_rejects_unknown_layouts(tmp_path):
 # ---------------------------------------------------------------- command line
 
 
-def test_help_lists_the_flags():
+def test_help_lists_the_flags_with_their_defaults():
     result = run_part_b(["main.py", "--help"])
     assert result.returncode == 0
     for flag in ("--train_steps", "--save_and_sample_every", "--fid", "--data_class",
                  "--unet_dim_mults", "--visualize", "--demo"):
         assert flag in result.stdout
+    assert "(default: 10000)" in result.stdout and "(default: ./data/train/)" in result.stdout
+
+
+def test_every_flag_has_a_help_line():
+    actions = main.build_parser()._actions
+    assert [action.dest for action in actions if not action.help] == []
 
 
 def test_flag_defaults_are_the_starters():
@@ -114,26 +133,63 @@ def test_flag_defaults_are_the_starters():
         dataloader_workers=16, visualize=False, demo=False)
 
 
-def test_main_passes_settings_to_train_diffusion_by_keyword(monkeypatch):
+def test_main_passes_settings_to_train_diffusion_by_keyword(tmp_path, monkeypatch):
     received = []
     monkeypatch.setattr(main, "train_diffusion", lambda **settings: received.append(settings))
-    assert main.main(["--fid", "--unet_dim_mults", "1", "2", "--data_class", "all"]) == 0
+    monkeypatch.setattr(main, "build_feature_extractor", lambda *args, **kwargs: None)
+    assert main.main(["--fid", "--unet_dim_mults", "1", "2", "--data_class", "all",
+                      "--save_folder", str(tmp_path)]) == 0
     assert received[0]["fid"] is True and received[0]["unet_dim_mults"] == [1, 2]
     assert received[0]["data_class"] == "all" and received[0]["load_path"] is None
 
 
-def test_visualize_flag_calls_visualize_diffusion(monkeypatch):
+def test_visualize_flag_calls_visualize_diffusion(tmp_path, monkeypatch):
+    torch.save({"step": 5, "model": {}}, tmp_path / "model.pt")
     received = []
     monkeypatch.setattr(main, "visualize_diffusion", lambda **settings: received.append(settings))
-    assert main.main(["--visualize", "--save_folder", "runs/"]) == 0
-    assert received[0]["save_folder"] == "runs/"
+    assert main.main(["--visualize", "--save_folder", str(tmp_path)]) == 0
+    assert received[0]["save_folder"] == str(tmp_path)
 
 
-def test_demo_flag_runs_the_demo_in_the_save_folder(monkeypatch):
-    received = []
-    monkeypatch.setattr(main, "run_demo", received.append)
-    assert main.main(["--demo", "--save_folder", "demo/"]) == 0
-    assert received == ["demo/"]
+def test_demo_flag_runs_the_demo_in_the_save_folder_with_its_own_step_counts(tmp_path,
+                                                                             monkeypatch):
+    calls = record_demo_calls(monkeypatch)
+    assert main.main(["--demo", "--save_folder", str(tmp_path)]) == 0
+    (_, trained), _ = calls
+    assert trained["save_folder"] == str(tmp_path)
+    assert (trained["train_steps"], trained["save_and_sample_every"]) == (300, 100)
+
+
+def test_demo_honours_the_step_flags_and_says_it_ignores_the_data_path(tmp_path, monkeypatch,
+                                                                       capsys):
+    calls = record_demo_calls(monkeypatch)
+    arguments = ["--demo", "--save_folder", str(tmp_path), "--train_steps", "20",
+                 "--save_and_sample_every", "5", "--data_path", "elsewhere", "--unet_dim", "8"]
+    assert main.main(arguments) == 0
+    (_, trained), _ = calls
+    assert (trained["train_steps"], trained["save_and_sample_every"]) == (20, 5)
+    assert trained["unet_dim"] == 8 and trained["data_path"] != "elsewhere"
+    assert "--data_path is ignored" in capsys.readouterr().out
+
+
+def test_ctrl_c_in_the_demo_stops_it_with_status_130(tmp_path, monkeypatch, capsys):
+    visualized = []
+
+    def interrupted(**settings):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(utils, "train_diffusion", interrupted)
+    monkeypatch.setattr(utils, "visualize_diffusion", lambda **settings: visualized.append(1))
+    assert main.main(["--demo", "--save_folder", str(tmp_path)]) == 130
+    assert visualized == [] and "Interrupted" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_training_exits_130(tmp_path, monkeypatch):
+    def interrupted(**settings):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(main, "train_diffusion", interrupted)
+    assert main.main(["--save_folder", str(tmp_path)]) == 130
 
 
 def test_data_class_outside_the_choices_is_refused():
@@ -161,3 +217,121 @@ def test_training_finishes_offline_with_no_wandb_key_and_stdin_closed(afhq, tmp_
     assert result.returncode == 0, result.stderr
     assert "logging offline" in result.stdout
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+# ---------------------------------------------------------------- command line: bad input
+
+
+def run_main_expecting_an_error(arguments, capsys):
+    """Run main.main in this process; returns its stderr after checking status 2, one line."""
+    assert main.main(arguments) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "Traceback" not in error
+    return error
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--train_steps", "-5"], "--train_steps must be at least 1, got -5"),
+    (["--save_and_sample_every", "0"], "--save_and_sample_every must be at least 1"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--time_steps", "0"], "--time_steps must be at least 1"),
+    (["--learning_rate", "0"], "--learning_rate must be positive"),
+    (["--dataloader_workers", "-1"], "--dataloader_workers must be 0 or more"),
+    (["--unet_dim", "12"], "--unet_dim must be a multiple of 8"),
+    (["--unet_dim_mults", "1", "0"], "--unet_dim_mults must all be at least 1"),
+    (["--image_size", "30"], "--image_size 30 cannot be halved 3 times, as --unet_dim_mults 1 2 4 8"),
+])
+def test_bad_numbers_are_refused_by_flag_before_any_work(afhq, tmp_path, capsys, monkeypatch,
+                                                         arguments, message):
+    decodes = []
+    monkeypatch.setattr(trainer, "decode_image", lambda *args: decodes.append(args))
+    results = tmp_path / "results"
+    error = run_main_expecting_an_error(
+        [*arguments, "--data_path", str(afhq), "--save_folder", str(results)], capsys)
+    assert message in error
+    assert decodes == [] and not (results / "metrics.csv").exists()
+    assert not (results / "wandb").exists()
+
+
+def test_results_folder_that_cannot_be_written_is_refused(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    error = run_main_expecting_an_error(["--save_folder", str(tmp_path / "a_file" / "runs")],
+                                        capsys)
+    assert "--save_folder" in error and "cannot be written" in error
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"this is a text file", "not a readable checkpoint"),
+    (b"PK\x03\x04half a zip", "not a readable checkpoint"),
+])
+def test_load_path_that_is_not_a_checkpoint_is_refused(tmp_path, capsys, content, message):
+    (tmp_path / "notes.pt").write_bytes(content)
+    error = run_main_expecting_an_error(
+        ["--load_path", str(tmp_path / "notes.pt"), "--save_folder", str(tmp_path)], capsys)
+    assert "--load_path" in error and message in error
+
+
+def test_resuming_a_checkpoint_already_at_train_steps_is_refused(tmp_path, capsys):
+    torch.save({"step": 100, "model": {}}, tmp_path / "model.pt")
+    error = run_main_expecting_an_error(["--load_path", str(tmp_path / "model.pt"),
+                                         "--train_steps", "50", "--save_folder", str(tmp_path)],
+                                        capsys)
+    assert "is at step 100, and --train_steps is 50: pass a larger --train_steps" in error
+
+
+def test_visualize_without_a_checkpoint_is_refused_before_decoding(afhq, tmp_path, capsys):
+    error = run_main_expecting_an_error(["--visualize", "--save_folder", str(tmp_path),
+                                         "--data_path", str(afhq)], capsys)
+    assert f"No checkpoint at {tmp_path / 'model.pt'}" in error
+
+
+def test_fid_without_internet_is_refused_before_any_work(afhq, tmp_path, capsys, monkeypatch):
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    decodes = []
+    monkeypatch.setattr(main, "build_feature_extractor", offline)
+    monkeypatch.setattr(trainer, "decode_image", lambda *args: decodes.append(args))
+    error = run_main_expecting_an_error(["--fid", "--data_path", str(afhq), "--save_folder",
+                                         str(tmp_path)], capsys)
+    assert "--fid needs clean-fid's Inception network" in error
+    assert "run without --fid" in error and decodes == []
+
+
+def run_in_a_terminal(arguments, environment, timeout=300):
+    """Run a Python command in A3_PartB with a pseudo-terminal as stdin, stdout and stderr, as
+    a user's shell does; returns (exit status, everything printed). A program that waits for
+    input is killed at ``timeout`` and its status is None."""
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, *arguments], cwd=PART_B, env=environment,
+                               stdin=follower, stdout=follower, stderr=follower)
+    os.close(follower)
+    output, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 1)
+        try:
+            chunk = os.read(leader, 65536) if ready else b""
+        except OSError:  # the terminal closed: the program ended
+            break
+        if ready and not chunk:
+            break
+        output += chunk
+    else:
+        process.kill()
+    os.close(leader)
+    status = process.wait() if process.returncode is None and time.monotonic() < deadline else None
+    return status, output.decode(errors="replace")
+
+
+def test_demo_in_a_terminal_without_a_wandb_key_finishes_without_asking(tmp_path):
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("WANDB_MODE", "WANDB_API_KEY")}
+    environment.update(HOME=str(tmp_path), WANDB_DIR=str(tmp_path))
+    tiny = ["--unet_dim", "8", "--unet_dim_mults", "1", "2", "--image_size", "16",
+            "--batch_size", "4", "--time_steps", "5", "--dataloader_workers", "0"]
+    status, output = run_in_a_terminal(
+        ["main.py", "--demo", "--train_steps", "2", "--save_and_sample_every", "2",
+         "--save_folder", str(tmp_path / "demo"), *tiny], environment)
+    assert status == 0, output
+    assert "logging offline" in output and "Enter your choice" not in output
+    assert (tmp_path / "demo" / "backward_diffusion.png").is_file()

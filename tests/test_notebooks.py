@@ -186,10 +186,10 @@ def test_part_b_notebook_deletes_the_afhq_zip_once_unpacked(part_b_run):
 
 
 @pytest.mark.parametrize("figure", [
-    "results/part1/loss.png", "results/part1/sample_step_2.png",
+    "results/part1/loss.png", "results/part1/sample_0.png", "results/part1/sample_1.png",
     "results/part1/forward_diffusion.png", "results/part1/backward_diffusion.png",
     "results/part2/fid.png",
-    "results/part5/sample_step_2.png",
+    "results/part5/sample_0.png",
     "results/part5/forward_diffusion.png", "results/part5/backward_diffusion.png",
 ])
 def test_part_b_notebook_saves_the_figures_of_every_part(part_b_run, figure):

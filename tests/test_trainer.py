@@ -56,13 +56,35 @@ def test_class_root_is_found_from_dataset_root_or_train_folder(tmp_path, layout,
     assert find_class_root(tmp_path / given) == train_folder.resolve()
 
 
-def test_missing_folder_error_names_path_and_download_commands(tmp_path):
-    missing = tmp_path / "data" / "train"
+@pytest.mark.parametrize("working_folder, root", [(".", "./A3_PartB/data"), ("A3_PartB", "./data")])
+def test_missing_folder_error_gives_the_download_commands_from_where_the_user_stands(
+        tmp_path, monkeypatch, working_folder, root):
+    (tmp_path / "A3_PartB").mkdir()
+    monkeypatch.chdir(tmp_path / working_folder)
+    missing = tmp_path / "A3_PartB" / "data" / "train"
     with pytest.raises(FileNotFoundError) as error:
         load_image_set(missing, "cat", IMAGE_SIZE, tmp_path / "cache")
     assert str(missing) in str(error.value)
-    assert "gdown 1-1npXlqCw1CYQ5SBbrlSgZdA9TEwZre4 -O ./data/afhq_v2.zip" in str(error.value)
-    assert "unzip -q ./data/afhq_v2.zip -d ./data" in str(error.value)
+    assert f"gdown 1-1npXlqCw1CYQ5SBbrlSgZdA9TEwZre4 -O {root}/afhq_v2.zip" in str(error.value)
+    assert f"unzip -q {root}/afhq_v2.zip -d {root}" in str(error.value)
+
+
+def test_decoding_progress_ends_at_every_image(afhq, tmp_path, capsys):
+    load_image_set(afhq, "dog", IMAGE_SIZE, tmp_path)
+    assert f"{PER_CLASS}/{PER_CLASS}" in capsys.readouterr().err
+
+
+def test_resumed_training_says_where_it_resumes(afhq, tmp_path, capsys):
+    make_trainer(afhq, tmp_path, train_num_steps=2).train()
+    make_trainer(afhq, tmp_path, train_num_steps=3, load_path=tmp_path / "model.pt").train()
+    assert "Resuming from step 2 of 3." in capsys.readouterr().out
+
+
+def test_training_a_model_already_at_its_last_step_says_so(afhq, tmp_path, capsys):
+    make_trainer(afhq, tmp_path, train_num_steps=2).train()
+    trainer = make_trainer(afhq, tmp_path, train_num_steps=2, load_path=tmp_path / "model.pt")
+    trainer.train()
+    assert "Nothing to train: the model is at step 2" in capsys.readouterr().out
 
 
 def test_class_folder_without_images_raises_clear_error(tmp_path):
