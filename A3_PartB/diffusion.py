@@ -51,7 +51,9 @@ class Diffusion(nn.Module):
     """DDPM around a noise-predicting network ``model(x_t, t) -> epsilon``.
 
     Every coefficient of the forward and reverse processes is computed once, in
-    float64, and kept as a float32 buffer, so it follows ``.to(device)``.
+    float64, and kept as a float32 buffer, so it follows ``.to(device)``. The buffers are
+    not persistent: they derive from T, so the state_dict holds only the network's
+    ``model.*`` entries, exactly as a starter checkpoint does.
     """
 
     def __init__(self, model, *, image_size, channels=3, timesteps=1000):
@@ -88,7 +90,7 @@ class Diffusion(nn.Module):
             "posterior_mean_coef2": alphas.sqrt() * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
         }
         for name, value in buffers.items():
-            self.register_buffer(name, value.to(torch.float32))
+            self.register_buffer(name, value.to(torch.float32), persistent=False)
 
     @property
     def device(self):
