@@ -150,14 +150,6 @@ def replace_noise(diffusion, draw):
     diffusion.noise_like = lambda shape, device, *_args, **_kwargs: draw(tuple(shape)).to(device)
 
 
-def zeros(shape):
-    return torch.zeros(shape)
-
-
-def ones(shape):
-    return torch.ones(shape)
-
-
 def assert_rows_close(what, actual, expected, labels, *, atol=ATOL):
     """Fail unless |actual - expected| <= atol + RTOL |expected| everywhere.
 
@@ -328,7 +320,7 @@ def test_p_sample_mean_is_the_posterior_mean_of_eq_7_at_every_t(under_test):
     x_0, eps = 0.9 * images(BATCH, seed=8), images(BATCH, seed=9)
     diffusion = make_diffusion(under_test, lambda x, t: eps)
     x_t = [HANDOUT.q_sample(x_0.double(), steps(t), eps.double()).float() for t in range(T)]
-    means = torch.stack([one_step(diffusion, x_t[t], t, zeros) for t in range(T)])
+    means = torch.stack([one_step(diffusion, x_t[t], t, torch.zeros) for t in range(T)])
     expected = torch.stack([HANDOUT.posterior_mean(x_t[t].double(), t, eps.double()) for t in range(T)])
     assert_rows_close("eq. (7) posterior mean", means, expected, at_each_t(range(T)),
                       atol=ATOL_REVERSE)
@@ -339,7 +331,7 @@ def test_p_sample_adds_sigma_t_times_the_noise_at_every_t_above_0(under_test):
     (1 - alpha_t) (eq. 7); seen as p_sample with z = 1 minus p_sample with z = 0."""
     diffusion = make_diffusion(under_test)
     x = images(BATCH, seed=10)
-    shifts = torch.stack([one_step(diffusion, x, t, ones) - one_step(diffusion, x, t, zeros)
+    shifts = torch.stack([one_step(diffusion, x, t, torch.ones) - one_step(diffusion, x, t, torch.zeros)
                           for t in range(1, T)])
     expected = HANDOUT.sigma[1:].view(-1, 1, 1, 1, 1).expand(shifts.shape)
     assert_rows_close("eq. (7) posterior std sigma_t", shifts, expected, at_each_t(range(1, T)))
@@ -349,7 +341,7 @@ def test_p_sample_adds_no_noise_at_t_0(under_test):
     """Algorithm 2 line 3: z = 0 at the last step; the output is the posterior mean itself."""
     diffusion = make_diffusion(under_test)
     x = images(BATCH, seed=11)
-    shift = one_step(diffusion, x, 0, ones) - one_step(diffusion, x, 0, zeros)
+    shift = one_step(diffusion, x, 0, torch.ones) - one_step(diffusion, x, 0, torch.zeros)
     assert_rows_close("Algorithm 2 line 3, z = 0 at the last step", shift.unsqueeze(0),
                       torch.zeros(1, *x.shape), at_each_t([0]))
 
@@ -361,8 +353,8 @@ def test_p_sample_clamps_the_predicted_x0_to_minus_one_to_one(under_test):
     x = torch.where(images(BATCH, seed=12) >= 0, 1.0, -1.0)
     at_the_bound = make_diffusion(under_test, lambda x_t, t: torch.zeros_like(x_t))
     beyond = make_diffusion(under_test, lambda x_t, t: -3 * x_t.sign())
-    pushed = torch.stack([one_step(beyond, x, t, zeros) for t in range(T)])
-    clamped = torch.stack([one_step(at_the_bound, x, t, zeros) for t in range(T)])
+    pushed = torch.stack([one_step(beyond, x, t, torch.zeros) for t in range(T)])
+    clamped = torch.stack([one_step(at_the_bound, x, t, torch.zeros) for t in range(T)])
     assert_rows_close("Algorithm 2 line 6, x0_hat clamped to [-1, 1] (the step moved with "
                       "x0_hat beyond the bounds)", pushed, clamped, at_each_t(range(T)))
     assert_rows_close("Algorithm 2 line 6, x0_hat clamped to [-1, 1]", clamped[:1],
@@ -392,12 +384,13 @@ def test_p_sample_loop_follows_algorithm_2_and_returns_x0_in_zero_to_one(under_t
                       ["the output"], atol=ATOL_REVERSE)
 
 
-def assert_in_zero_to_one(method, images):
-    low, high = images.min().item(), images.max().item()
+def assert_in_zero_to_one(method, result):
+    low, high = result.min().item(), result.max().item()
     assert low >= 0 and high <= 1, f"{method}'s images span [{low:.4g}, {high:.4g}], not [0, 1]"
 
 
 def test_p_sample_loop_returns_images_in_zero_to_one_shaped_like_its_input(under_test):
+    """Images are in [-1, 1] inside the model and in [0, 1] outside, whatever the network says."""
     diffusion = make_diffusion(under_test, lambda x, t: 4 * x - 3)
     replace_noise(diffusion, seeded_draws(16))
     x_T = 3 * images(BATCH, seed=17)
@@ -407,6 +400,7 @@ def test_p_sample_loop_returns_images_in_zero_to_one_shaped_like_its_input(under
 
 
 def test_sample_returns_batch_size_images_of_its_channels_and_size_in_zero_to_one(under_test):
+    """Algorithm 2 on batch_size x channels x image_size x image_size noise, returned in [0, 1]."""
     diffusion = make_diffusion(under_test, channels=2, image_size=5)
     result = diffusion.sample(3)
     assert tuple(result.shape) == (3, 2, 5, 5)

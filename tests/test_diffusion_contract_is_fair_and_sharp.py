@@ -49,6 +49,7 @@ SIGMA = "test_p_sample_adds_sigma_t_times_the_noise_at_every_t_above_0"
 LOOP = "test_p_sample_loop_follows_algorithm_2_and_returns_x0_in_zero_to_one"
 SAMPLE = "test_sample_runs_algorithm_2_from_x_T_drawn_by_noise_like"
 SAMPLE_RANGE = "test_sample_returns_batch_size_images_of_its_channels_and_size_in_zero_to_one"
+THROUGH_NOISE_LIKE = "test_sample_draws_every_random_number_through_noise_like"
 ABAR = "test_abar_is_the_running_product_of_the_clipped_alphas"
 Q_SAMPLE_MEAN = "test_q_sample_mean_is_sqrt_abar_t_times_x0"
 L1 = ("test_p_losses_is_the_mean_l1_distance_between_noise_and_prediction",
@@ -94,6 +95,20 @@ MUTANTS = [
            {"test_p_sample_loop_takes_every_step_from_T_minus_1_down_to_0",
             "test_p_sample_loop_returns_images_in_zero_to_one_shaped_like_its_input", LOOP, SAMPLE,
             SAMPLE_RANGE}),
+    Mutant("noise_like_draws_uniform_noise",
+           (("return torch.randn(shape, device=device)", "return torch.rand(shape, device=device)"),),
+           {"test_noise_like_draws_standard_normal_noise_of_the_given_shape"}),
+    Mutant("x_T_drawn_outside_noise_like",
+           (("self.p_sample_loop(self.noise_like(shape, device))",
+             "self.p_sample_loop(torch.randn(shape, device=device))"),),
+           {THROUGH_NOISE_LIKE, SAMPLE}),
+    Mutant("z_drawn_outside_noise_like",
+           (("z = self.noise_like(x.shape, x.device) if", "z = torch.randn_like(x) if"),),
+           {POSTERIOR_MEAN, SIGMA, "test_p_sample_clamps_the_predicted_x0_to_minus_one_to_one", LOOP,
+            SAMPLE, THROUGH_NOISE_LIKE}),
+    Mutant("p_losses_without_gradient",
+           (("    def p_losses(", "    @torch.no_grad()\n    def p_losses("),),
+           {"test_p_losses_is_differentiable_in_the_network_parameters"}),
 ]
 
 
@@ -150,8 +165,8 @@ def test_failure_names_the_equation_the_steps_off_and_the_worst_error(verdicts):
 
 
 def test_our_diffusion_matches_the_skeleton_style_one_at_the_graders_tolerance():
-    """The course's grader: every output of the skeleton's methods, on a real U-Net, with
-    noise_like patched to a seeded generator, equal to atol = rtol = 1e-4."""
+    """The course's grader: every output of the skeleton's methods, on a real U-Net, under one
+    global seed and with noise_like patched to a seeded generator, equal to atol = rtol = 1e-4."""
     torch.manual_seed(0)
     network = Unet(8, dim_mults=(1, 2))
     pair = [Diffusion(network, image_size=8, timesteps=20),
@@ -160,15 +175,17 @@ def test_our_diffusion_matches_the_skeleton_style_one_at_the_graders_tolerance()
     noise, t = torch.randn_like(x_0), torch.tensor([0, 7, 13, 19])
 
     def outputs(diffusion):
-        replace_noise(diffusion, seeded_draws(0))
         torch.manual_seed(1)
-        return {"noise_like": diffusion.noise_like((4, 3, 8, 8), torch.device("cpu")),
-                "q_sample": diffusion.q_sample(x_0, t, noise),
-                "p_losses": diffusion.p_losses(x_0, t, noise),
-                "forward": diffusion(x_0, noise),
-                "p_sample": diffusion.p_sample(x_0, torch.full((4,), 9), 9),
-                "p_sample_loop": diffusion.p_sample_loop(x_0),
-                "sample": diffusion.sample(4)}
+        results = {"noise_like": diffusion.noise_like((4, 3, 8, 8), torch.device("cpu")),
+                   "forward": diffusion(x_0, noise),
+                   "q_sample": diffusion.q_sample(x_0, t, noise),
+                   "p_losses": diffusion.p_losses(x_0, t, noise)}
+        for name, method, arguments in [("p_sample", diffusion.p_sample, (x_0, torch.full((4,), 9), 9)),
+                                        ("p_sample_loop", diffusion.p_sample_loop, (x_0,)),
+                                        ("sample", diffusion.sample, (4,))]:
+            replace_noise(diffusion, seeded_draws(0))
+            results[name] = method(*arguments)
+        return results
 
     ours, theirs = (outputs(diffusion) for diffusion in pair)
     for name in ours:
