@@ -37,11 +37,6 @@ def extract(a, t, x_shape):
     return a.gather(-1, t).reshape(batch_size, *((1,) * (len(x_shape) - 1)))
 
 
-def normalize_to_neg_one_to_one(images):
-    """Map images from [0, 1] to the model's range [-1, 1]."""
-    return images * 2 - 1
-
-
 def unnormalize_to_zero_to_one(images):
     """Map images from the model's range [-1, 1] back to [0, 1]."""
     return (images + 1) * 0.5

@@ -26,6 +26,7 @@ def stub_diffusion(**settings):
 
 @pytest.mark.parametrize("timesteps", [1, 10, 50, 1000])
 def test_cosine_schedule_is_eq_3_in_float64(timesteps):
+    """eq. (3) to float64 round-off, where the contract allows float32's 1e-4."""
     alphas = cosine_schedule(timesteps)
     assert alphas.dtype == torch.float64
     torch.testing.assert_close(alphas, Handout(timesteps).alpha, rtol=1e-12, atol=0)
