@@ -1,100 +1,218 @@
-"""The noise-prediction network epsilon_theta(x_t, t): a U-Net (handout Fig. 2).
+"""The noise-prediction network epsilon_theta(x_t, t): the course starter's U-Net (handout Fig. 2).
 
-Each resolution level has two ResNet blocks conditioned on the time step, an
-optional self-attention layer (only at the two coarsest levels, where the
-feature map is small enough for attention to be cheap) and a resampling layer.
-The decoder mirrors the encoder and concatenates its features (skip connections).
+The same network as the starter's ``unet.py``, module for module and name for name, so a starter
+checkpoint (a state_dict or a whole pickled model) loads here and the course's published losses
+and FIDs apply. Each resolution level has two ResNet blocks conditioned on the time step, linear
+attention and a resampling layer; the middle has full attention; the decoder mirrors the encoder
+and concatenates the encoder's features (the skip connections of Fig. 2).
 """
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
-from einops.layers.torch import Rearrange
 from torch import nn
 
-ATTENTION_LEVELS = 2  # how many of the coarsest levels get self-attention
+
+def norm_eps(x):
+    """The starter's epsilon for its normalisations: 1e-5 in float32, else 1e-3."""
+    return 1e-5 if x.dtype == torch.float32 else 1e-3
 
 
-class SinusoidalTimeEmbedding(nn.Module):
-    """Transformer-style sinusoidal embedding of the integer time step."""
+def split_heads(qkv, heads):
+    """(batch, 3 * heads * dim_head, height, width) -> q, k, v, each (batch, heads, dim_head, pixels)."""
+    batch, channels, height, width = qkv.shape
+    return qkv.reshape(batch, 3, heads, channels // (3 * heads), height * width).unbind(1)
+
+
+def merge_heads(out, height, width):
+    """(batch, heads, dim_head, pixels) -> (batch, heads * dim_head, height, width)."""
+    return out.reshape(out.shape[0], -1, height, width)
+
+
+class Residual(nn.Module):
+    """``fn(x) + x``."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x) + x
+
+
+class LayerNorm(nn.Module):
+    """Normalises each pixel's vector of channels (biased variance), times a learned gain ``g``."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
+
+    def forward(self, x):
+        var, mean = torch.var_mean(x, dim=1, correction=0, keepdim=True)
+        return (x - mean) * (var + norm_eps(x)).rsqrt() * self.g
+
+
+class PreNorm(nn.Module):
+    """``fn(LayerNorm(x))``."""
+
+    def __init__(self, dim, fn):
+        super().__init__()
+        self.fn = fn
+        self.norm = LayerNorm(dim)
+
+    def forward(self, x):
+        return self.fn(self.norm(x))
+
+
+class WeightStandardizedConv2d(nn.Conv2d):
+    """A convolution whose weight is standardised per output channel before use (Qiao et al.,
+    2019, "Weight Standardization"); it works well with the GroupNorm that follows it."""
+
+    def forward(self, x):
+        var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), correction=0, keepdim=True)
+        weight = (self.weight - mean) * (var + norm_eps(x)).rsqrt()
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class SinusoidalPosEmb(nn.Module):
+    """The Transformer's sinusoidal embedding of the time step: sin and cos of ``t * freq_k``,
+    with frequencies falling geometrically from 1 to 1/10000."""
 
     def __init__(self, dim):
         super().__init__()
         if dim % 2 or dim < 4:
             raise ValueError(f"the time embedding needs an even dim >= 4, got {dim}")
-        half = dim // 2
-        frequencies = torch.exp(torch.arange(half) * (-math.log(10000) / (half - 1)))
-        # computed once, not at every step; not persistent, so checkpoints do not change
-        self.register_buffer("frequencies", frequencies, persistent=False)
+        self.dim = dim
 
     def forward(self, time):
-        angles = time.float()[:, None] * self.frequencies[None, :]
+        # Recomputed at each call (three tiny ops): a model pickled by the starter carries no buffer.
+        half = self.dim // 2
+        frequencies = torch.exp(torch.arange(half, device=time.device) * (-math.log(10000) / (half - 1)))
+        angles = time[:, None] * frequencies[None, :]
         return torch.cat((angles.sin(), angles.cos()), dim=-1)
 
 
-class ResnetBlock(nn.Module):
-    """Two conv-GroupNorm-SiLU blocks; the time embedding scales and shifts the first."""
+class Block(nn.Module):
+    """Weight-standardised 3x3 conv, GroupNorm, the time step's ``(scale, shift)`` if given, SiLU."""
 
-    def __init__(self, dim_in, dim_out, *, time_emb_dim, groups=8):
+    def __init__(self, dim, dim_out, groups=8):
         super().__init__()
-        self.time_to_scale_shift = nn.Sequential(nn.SiLU(), nn.Linear(time_emb_dim, dim_out * 2))
-        self.conv1 = nn.Conv2d(dim_in, dim_out, 3, padding=1)
-        self.norm1 = nn.GroupNorm(groups, dim_out)
-        self.conv2 = nn.Conv2d(dim_out, dim_out, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, dim_out)
-        self.residual = nn.Conv2d(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
+        self.proj = WeightStandardizedConv2d(dim, dim_out, 3, padding=1)
+        self.norm = nn.GroupNorm(groups, dim_out)
+        self.act = nn.SiLU()
 
-    def forward(self, x, time_emb):
-        scale, shift = rearrange(self.time_to_scale_shift(time_emb), "b c -> b c 1 1").chunk(2, dim=1)
-        h = F.silu(self.norm1(self.conv1(x)) * (scale + 1) + shift)
-        h = F.silu(self.norm2(self.conv2(h)))
-        return h + self.residual(x)
+    def forward(self, x, scale_shift=None):
+        x = self.norm(self.proj(x))
+        if scale_shift is not None:
+            scale, shift = scale_shift
+            x = torch.addcmul(shift, x, scale + 1)  # x * (scale + 1) + shift, in one pass
+        return self.act(x)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention over the pixels of a feature map, with a residual."""
+class ResnetBlock(nn.Module):
+    """Two Blocks plus a residual (a 1x1 conv where the width changes); the time embedding,
+    through ``mlp``, scales and shifts the first Block's normalised features."""
+
+    def __init__(self, dim, dim_out, *, time_emb_dim=None, groups=8):
+        super().__init__()
+        self.mlp = None
+        if time_emb_dim is not None:
+            self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_emb_dim, dim_out * 2))
+        self.block1 = Block(dim, dim_out, groups=groups)
+        self.block2 = Block(dim_out, dim_out, groups=groups)
+        self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+
+    def forward(self, x, time_emb=None):
+        scale_shift = None
+        if self.mlp is not None and time_emb is not None:
+            scale_shift = self.mlp(time_emb)[:, :, None, None].chunk(2, dim=1)
+        return self.block2(self.block1(x, scale_shift)) + self.res_conv(x)
+
+
+class LinearAttention(nn.Module):
+    """Attention in time linear in the number of pixels (Shen et al., 2021, "Efficient
+    Attention"): q is softmaxed over its features, k over the pixels, and k and v are first
+    summed over the pixels into a (dim_head x dim_head) context per head."""
 
     def __init__(self, dim, heads=4, dim_head=32):
         super().__init__()
+        self.scale = dim_head ** -0.5
         self.heads = heads
-        self.norm = nn.GroupNorm(1, dim)
-        self.to_qkv = nn.Conv2d(dim, heads * dim_head * 3, 1, bias=False)
-        self.to_out = nn.Conv2d(heads * dim_head, dim, 1)
+        hidden_dim = dim_head * heads
+        self.to_qkv = nn.Conv2d(dim, hidden_dim * 3, 1, bias=False)
+        self.to_out = nn.Sequential(nn.Conv2d(hidden_dim, dim, 1), LayerNorm(dim))
 
     def forward(self, x):
         height, width = x.shape[-2:]
-        q, k, v = rearrange(
-            self.to_qkv(self.norm(x)), "b (qkv h d) x y -> qkv b h (x y) d", qkv=3, h=self.heads
-        )
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = rearrange(out, "b h (x y) d -> b (h d) x y", x=height, y=width)
-        return x + self.to_out(out)
+        q, k, v = split_heads(self.to_qkv(x), self.heads)
+        q, k = q.softmax(dim=-2), k.softmax(dim=-1)
+        context = k @ v.transpose(-2, -1)
+        # q * dim_head^-0.5 and v / pixels, applied to the small context instead of q and v
+        context = context * (self.scale / (height * width))
+        return self.to_out(merge_heads(context.transpose(-2, -1) @ q, height, width))
 
 
-def downsample(dim_in, dim_out):
-    """Halve the resolution without losing pixels: space-to-depth, then a 1x1 conv."""
-    return nn.Sequential(
-        Rearrange("b c (h p1) (w p2) -> b (c p1 p2) h w", p1=2, p2=2),
-        nn.Conv2d(dim_in * 4, dim_out, 1),
-    )
+class Attention(nn.Module):
+    """Full self-attention on cosine similarities times a fixed ``scale`` (Henry et al., 2020,
+    "Query-Key Normalization"), used where the feature map is smallest, in the middle."""
 
-
-def upsample(dim_in, dim_out):
-    """Double the resolution: nearest-neighbour upsampling, then a 3x3 conv."""
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(dim_in, dim_out, 3, padding=1))
-
-
-class Level(nn.Module):
-    """One resolution level: two ResNet blocks, optional attention, then resampling."""
-
-    def __init__(self, block_in, block_out, resample, *, time_emb_dim, groups, attention):
+    def __init__(self, dim, heads=4, dim_head=32, scale=10):
         super().__init__()
-        self.block1 = ResnetBlock(block_in, block_out, time_emb_dim=time_emb_dim, groups=groups)
-        self.block2 = ResnetBlock(block_in, block_out, time_emb_dim=time_emb_dim, groups=groups)
-        self.attention = Attention(block_out) if attention else nn.Identity()
-        self.resample = resample
+        self.scale = scale
+        self.heads = heads
+        hidden_dim = dim_head * heads
+        self.to_qkv = nn.Conv2d(dim, hidden_dim * 3, 1, bias=False)
+        self.to_out = nn.Conv2d(hidden_dim, dim, 1)
+
+    def forward(self, x):
+        height, width = x.shape[-2:]
+        q, k, v = split_heads(self.to_qkv(x), self.heads)
+        # As in the starter, q and k are L2-normalised along the pixel axis (their last one).
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        out = F.scaled_dot_product_attention(q.mT, k.mT, v.mT, scale=self.scale)
+        return self.to_out(merge_heads(out.mT, height, width))
+
+
+def Upsample(dim, dim_out=None):  # noqa: N802 (the starter's name)
+    """Double the resolution: nearest-neighbour upsampling, then a 3x3 conv."""
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                         nn.Conv2d(dim, dim_out or dim, 3, padding=1))
+
+
+def Downsample(dim, dim_out=None):  # noqa: N802 (the starter's name)
+    """Halve the resolution: a 4x4 conv with stride 2."""
+    return nn.Conv2d(dim, dim_out or dim, 4, stride=2, padding=1)
+
+
+def linear_attention_layer(dim):
+    """The attention of every level: ``x + LinearAttention(LayerNorm(x))``."""
+    return Residual(PreNorm(dim, LinearAttention(dim)))
+
+
+def down_level(dim_in, dim_out, block, is_last):
+    """block1, block2, attention at width dim_in, then Downsample (a 3x3 conv at the last level)."""
+    resample = nn.Conv2d(dim_in, dim_out, 3, padding=1) if is_last else Downsample(dim_in, dim_out)
+    return nn.ModuleList([block(dim_in, dim_in), block(dim_in, dim_in), linear_attention_layer(dim_in),
+                          resample])
+
+
+def up_level(dim_in, dim_out, block, is_last):
+    """block1, block2 (each after concatenating a skip), attention, then Upsample to dim_in."""
+    resample = nn.Conv2d(dim_out, dim_in, 3, padding=1) if is_last else Upsample(dim_out, dim_in)
+    return nn.ModuleList([block(dim_out + dim_in, dim_out), block(dim_out + dim_in, dim_out),
+                          linear_attention_layer(dim_out), resample])
+
+
+def check_groups(widths, groups):
+    """GroupNorm needs every block width to split into ``groups`` equal groups."""
+    bad = sorted({width for width in widths if width % groups})
+    if bad:
+        raise ValueError(
+            f"resnet_block_groups={groups} must divide every level width, but {bad} do not; "
+            "choose dim/init_dim as a multiple of resnet_block_groups"
+        )
 
 
 class Unet(nn.Module):
@@ -110,55 +228,39 @@ class Unet(nn.Module):
         self.dim = dim
         self.dim_mults = tuple(dim_mults)
         self.channels = channels
+        self.out_dim = out_dim or channels
         init_dim = init_dim or dim
-        out_dim = out_dim or channels
-        dims = [init_dim] + [dim * m for m in self.dim_mults]
-        self._check_group_divisibility(dims, resnet_block_groups)
-        time_emb_dim = dim * 4
-        level_args = dict(time_emb_dim=time_emb_dim, groups=resnet_block_groups)
-
-        self.init_conv = nn.Conv2d(channels, init_dim, 7, padding=3)
-        self.time_mlp = nn.Sequential(
-            SinusoidalTimeEmbedding(dim), nn.Linear(dim, time_emb_dim), nn.GELU(),
-            nn.Linear(time_emb_dim, time_emb_dim),
-        )
+        dims = [init_dim] + [dim * mult for mult in self.dim_mults]
+        check_groups([*dims, dim], resnet_block_groups)
+        time_dim = dim * 4
+        block = partial(ResnetBlock, time_emb_dim=time_dim, groups=resnet_block_groups)
         pairs = list(zip(dims[:-1], dims[1:]))
-        num_levels = len(pairs)
-        self.downs = nn.ModuleList()
-        for i, (dim_in, dim_out) in enumerate(pairs):
-            is_last = i == num_levels - 1
-            resample = nn.Conv2d(dim_in, dim_out, 3, padding=1) if is_last else downsample(dim_in, dim_out)
-            self.downs.append(Level(dim_in, dim_in, resample, attention=i >= num_levels - ATTENTION_LEVELS,
-                                    **level_args))
-        mid_dim = dims[-1]
-        self.mid_block1 = ResnetBlock(mid_dim, mid_dim, **level_args)
-        self.mid_attention = Attention(mid_dim)
-        self.mid_block2 = ResnetBlock(mid_dim, mid_dim, **level_args)
-        self.ups = nn.ModuleList()
-        for i, (dim_in, dim_out) in enumerate(reversed(pairs)):
-            is_last = i == num_levels - 1
-            resample = nn.Conv2d(dim_out, dim_in, 3, padding=1) if is_last else upsample(dim_out, dim_in)
-            self.ups.append(Level(dim_out + dim_in, dim_out, resample, attention=i < ATTENTION_LEVELS,
-                                    **level_args))
-        self.final_block = ResnetBlock(init_dim * 2, dim, **level_args)
-        self.final_conv = nn.Conv2d(dim, out_dim, 1)
+        last = len(pairs) - 1
 
-    @staticmethod
-    def _check_group_divisibility(dims, groups):
-        bad = [d for d in dims if d % groups]
-        if bad:
-            raise ValueError(
-                f"resnet_block_groups={groups} must divide every level width, but {bad} do not; "
-                "choose dim/init_dim as a multiple of resnet_block_groups"
-            )
+        # Registered in the starter's order, which fixes the order of parameters() and so of
+        # the optimizer's state in a checkpoint.
+        self.init_conv = nn.Conv2d(channels, init_dim, 7, padding=3)
+        self.time_mlp = nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(dim, time_dim), nn.GELU(),
+                                      nn.Linear(time_dim, time_dim))
+        self.downs = nn.ModuleList([down_level(dim_in, dim_out, block, is_last=i == last)
+                                    for i, (dim_in, dim_out) in enumerate(pairs)])
+        self.ups = nn.ModuleList([up_level(dim_in, dim_out, block, is_last=i == last)
+                                  for i, (dim_in, dim_out) in enumerate(reversed(pairs))])
+        self.mid_block1 = block(dims[-1], dims[-1])
+        self.mid_attn = Residual(PreNorm(dims[-1], Attention(dims[-1])))
+        self.mid_block2 = block(dims[-1], dims[-1])
+        self.final_res_block = block(init_dim * 2, dim)
+        self.final_conv = nn.Conv2d(dim, self.out_dim, 1)
 
     def _check_image_size(self, x):
-        factor = 2 ** (len(self.dim_mults) - 1)
+        # from the layers, not self.dim_mults, which a model pickled by the starter lacks
+        halvings = len(self.downs) - 1
+        factor = 2 ** halvings
         height, width = x.shape[-2:]
         if height % factor or width % factor:
             raise ValueError(
-                f"a {height}x{width} image cannot be halved {len(self.dim_mults) - 1} times "
-                f"(dim_mults={self.dim_mults}); use an image size divisible by {factor} or fewer dim_mults"
+                f"a {height}x{width} image cannot be halved {halvings} times by this "
+                f"{len(self.downs)}-level U-Net; use an image size divisible by {factor} or fewer dim_mults"
             )
 
     def forward(self, x, time):
@@ -167,16 +269,16 @@ class Unet(nn.Module):
         x = self.init_conv(x)
         first_features = x
         skips = []
-        for level in self.downs:
-            x = level.block1(x, t)
+        for block1, block2, attention, downsample in self.downs:
+            x = block1(x, t)
             skips.append(x)
-            x = level.attention(level.block2(x, t))
+            x = attention(block2(x, t))
             skips.append(x)
-            x = level.resample(x)
-        x = self.mid_block2(self.mid_attention(self.mid_block1(x, t)), t)
-        for level in self.ups:
-            x = level.block1(torch.cat((x, skips.pop()), dim=1), t)
-            x = level.attention(level.block2(torch.cat((x, skips.pop()), dim=1), t))
-            x = level.resample(x)
-        x = self.final_block(torch.cat((x, first_features), dim=1), t)
+            x = downsample(x)
+        x = self.mid_block2(self.mid_attn(self.mid_block1(x, t)), t)
+        for block1, block2, attention, upsample in self.ups:
+            x = block1(torch.cat((x, skips.pop()), dim=1), t)
+            x = attention(block2(torch.cat((x, skips.pop()), dim=1), t))
+            x = upsample(x)
+        x = self.final_res_block(torch.cat((x, first_features), dim=1), t)
         return self.final_conv(x)

@@ -1,27 +1,110 @@
-"""The noise-prediction U-Net: shapes, time conditioning and argument checks."""
+"""The noise-prediction U-Net: the course starter's network, its shapes, time conditioning and
+argument checks.
+
+``fixtures/starter_unet_*`` were made by the starter's own ``unet.py`` (see the shared starter
+README): its state_dict, an input and its output for dim 8, dim_mults (1, 2), and every key and
+shape for that size and for the handout's dim 16, dim_mults (1, 2, 4, 8).
+"""
+
+import io
+import json
+import pickle
+from pathlib import Path
 
 import pytest
 import torch
 
 from unet import Unet
 
+FIXTURES = Path(__file__).parent / "fixtures"
+STARTER_SHAPES = json.loads((FIXTURES / "starter_unet_shapes.json").read_text())
+STARTER_CLASSES = {"Residual", "PreNorm", "LayerNorm", "WeightStandardizedConv2d", "SinusoidalPosEmb",
+                   "Block", "ResnetBlock", "LinearAttention", "Attention", "Unet"}
+
+
+def unet_for(config):
+    return Unet(config["dim"], dim_mults=tuple(config["dim_mults"]))
+
+
+class RecordingUnpickler(pickle.Unpickler):
+    """Records every (module, name) a pickle asks for: what a reader must be able to import."""
+
+    def __init__(self, data):
+        super().__init__(io.BytesIO(data))
+        self.classes = set()
+
+    def find_class(self, module, name):
+        self.classes.add((module, name))
+        return super().find_class(module, name)
+
+
+@pytest.fixture
+def tiny_unet():
+    torch.manual_seed(0)
+    return Unet(8, dim_mults=(1, 2)).eval()
+
+
+def test_unet_with_the_starters_weights_gives_the_starters_output():
+    starter = torch.load(FIXTURES / "starter_unet_dim8_mults12.pt", weights_only=True)
+    model = unet_for(starter["config"]).eval()
+    model.load_state_dict(starter["state_dict"], strict=True)
+    with torch.no_grad():
+        output = model(starter["x"], starter["time"])
+    relative_error = (output - starter["output"]).norm() / starter["output"].norm()
+    assert relative_error < 1e-5
+
+
+@pytest.mark.parametrize("size", ["dim8_mults12", "dim16_mults1248"])
+def test_unet_state_dict_has_the_starters_keys_shapes_and_order(size):
+    expected = STARTER_SHAPES[size]
+    shapes = [(key, list(value.shape)) for key, value in unet_for(expected["config"]).state_dict().items()]
+    assert shapes == list(expected["state_dict_shapes"].items())
+
+
+def test_handout_unet_has_the_starters_2465827_parameters_in_276_entries():
+    model = Unet(16)  # the handout's configuration: dim 16, dim_mults (1, 2, 4, 8)
+    assert sum(p.numel() for p in model.parameters()) == 2_465_827
+    assert len(model.state_dict()) == 276
+
+
+def test_unet_pickles_under_the_starters_class_names_in_module_unet(tiny_unet):
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([0, 9])
+    unpickler = RecordingUnpickler(pickle.dumps(tiny_unet))
+    restored = unpickler.load()
+    assert {name for module, name in unpickler.classes if module == "unet"} == STARTER_CLASSES
+    with torch.no_grad():
+        assert torch.equal(restored(x, t), tiny_unet(x, t))
+
+
+def test_unet_runs_with_only_the_attributes_a_starter_pickle_carries(tiny_unet):
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([0, 9])
+    with torch.no_grad():
+        expected = tiny_unet(x, t)
+    del tiny_unet.dim, tiny_unet.dim_mults  # ours, for the trainer; the starter's Unet has neither
+    restored = pickle.loads(pickle.dumps(tiny_unet))
+    with torch.no_grad():
+        assert torch.equal(restored(x, t), expected)
+
 
 def test_unet_maps_a_batch_of_32x32_images_and_steps_to_noise_of_the_same_shape():
-    model = Unet(16)  # the handout's configuration: dim 16, dim_mults (1, 2, 4, 8)
+    model = Unet(16)
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([0, 49])
     assert model(x, t).shape == (2, 3, 32, 32)
 
 
-def test_unet_output_depends_on_the_time_step():
-    torch.manual_seed(0)
-    model = Unet(8, dim_mults=(1, 2))
+def test_unet_output_depends_on_the_time_step(tiny_unet):
     x = torch.randn(1, 3, 8, 8)
-    assert not torch.allclose(model(x, torch.tensor([1])), model(x, torch.tensor([40])))
+    assert not torch.allclose(tiny_unet(x, torch.tensor([1])), tiny_unet(x, torch.tensor([40])))
 
 
 def test_unet_honours_out_dim_and_channels():
     model = Unet(8, dim_mults=(1, 2), channels=1, out_dim=2)
     assert model(torch.randn(2, 1, 8, 8), torch.tensor([3, 4])).shape == (2, 2, 8, 8)
+
+
+def test_unet_accepts_a_first_width_other_than_dim():
+    model = Unet(8, init_dim=16, dim_mults=(1, 2))
+    assert model(torch.randn(2, 3, 8, 8), torch.tensor([3, 4])).shape == (2, 3, 8, 8)
 
 
 def test_unet_skip_connections_carry_gradients_to_every_parameter():
