@@ -560,10 +560,10 @@ def move_to_device(diffusion_model, device):
 
 def model_settings(diffusion_model):
     """The settings a checkpoint must share with the model it is loaded into."""
-    unet = diffusion_model.model
+    unet = diffusion_model.model  # a U-Net unpickled from the starter's unet.py has no dims
     return {"image_size": diffusion_model.image_size, "channels": diffusion_model.channels,
-            "timesteps": diffusion_model.num_timesteps, "unet_dim": unet.dim,
-            "unet_dim_mults": list(unet.dim_mults)}
+            "timesteps": diffusion_model.num_timesteps, "unet_dim": getattr(unet, "dim", None),
+            "unet_dim_mults": list(getattr(unet, "dim_mults", []))}
 
 
 def check_settings(saved, current, path):
