@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 
 from trainer import build_feature_extractor, read_checkpoint
-from utils import run_demo, train_diffusion, visualize_diffusion
+from utils import DEMO_STEPS, run_demo, train_diffusion, visualize_diffusion
 
 GROUPS = 8  # the U-Net's GroupNorm groups (resnet_block_groups), which must divide its widths
-DEMO_STEPS = {"train_steps": 300, "save_and_sample_every": 100}
 COUNTS = ("train_steps", "save_and_sample_every", "batch_size", "image_size", "time_steps",
           "unet_dim")
 
@@ -58,8 +57,9 @@ def build_parser():
     parser.add_argument("--visualize", action="store_true",
                         help="draw the forward and backward processes of a trained model")
     parser.add_argument("--demo", action="store_true",
-                        help="train on synthetic images written into SAVE_FOLDER (300 steps "
-                             "with a grid every 100, unless those flags are given)")
+                        help="train on synthetic images written into SAVE_FOLDER ("
+                             f"{DEMO_STEPS['train_steps']} steps with a grid every "
+                             f"{DEMO_STEPS['save_and_sample_every']}, unless those flags are given)")
     return parser
 
 

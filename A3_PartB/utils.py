@@ -15,6 +15,7 @@ from trainer import Trainer
 from unet import Unet
 
 SEED = 2024  # the starter's
+DEMO_STEPS = {"train_steps": 150, "save_and_sample_every": 50}  # a few minutes on a CPU
 SYNTHETIC_BACKGROUND = np.array([40.0, 40.0, 55.0])
 SYNTHETIC_COLOURS = {"cat": (230, 150, 60), "dog": (150, 110, 80), "wild": (90, 170, 80)}
 
@@ -114,11 +115,11 @@ def write_synthetic_afhq(root, classes=("cat", "dog", "wild"), per_class=100, si
     return train_folder
 
 
-def run_demo(save_folder="./results", train_steps=300, save_and_sample_every=100, fid=False,
-             **settings):
+def run_demo(save_folder="./results", train_steps=DEMO_STEPS["train_steps"],
+             save_and_sample_every=DEMO_STEPS["save_and_sample_every"], fid=False, **settings):
     """Train on 300 synthetic 64x64 "cats" and draw both process figures; needs no download.
 
-    With the handout's model, 300 steps take a few minutes on a CPU. ``settings`` are
+    With the handout's model, the demo's steps take a few minutes on a CPU. ``settings`` are
     ``train_diffusion``'s other arguments; the synthetic images, written into
     ``save_folder/demo_data``, replace ``data_path``. Returns the paths of the two figures.
     """

@@ -223,9 +223,12 @@ def fid_seconds(image_set, results, device, reference_count):
 
 
 def part_seconds(data_path, results, steps, every, fid, extractor):
+    """Wall time of a run, with its decoded images and FID statistics cached beside the
+    benchmark's other results (never in the user's cache)."""
     options = {"fid_feature_extractor": extractor} if fid else {}
     _, _, trainer = utils.setup_diffusion(steps, every, fid, results, data_path,
-                                          dataloader_workers=os.cpu_count(), **options)
+                                          dataloader_workers=os.cpu_count(),
+                                          cache_folder=Path(results).parent / "cache", **options)
     seconds, _ = timed(trainer.train, trainer.device)
     return seconds
 

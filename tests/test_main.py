@@ -98,7 +98,7 @@ def test_demo_writes_synthetic_cats_and_trains_briefly(tmp_path, monkeypatch):
     cats = list((tmp_path / "demo_data" / "train" / "cat").glob("*.png"))
     assert len(cats) == 300
     (_, trained), (_, visualized) = calls
-    assert trained["train_steps"] == 300 and trained["save_and_sample_every"] == 100
+    assert {flag: trained[flag] for flag in utils.DEMO_STEPS} == utils.DEMO_STEPS
     assert visualized["save_folder"] == tmp_path and visualized["load_path"] is None
 
 
@@ -157,7 +157,7 @@ def test_demo_flag_runs_the_demo_in_the_save_folder_with_its_own_step_counts(tmp
     assert main.main(["--demo", "--save_folder", str(tmp_path)]) == 0
     (_, trained), _ = calls
     assert trained["save_folder"] == str(tmp_path)
-    assert (trained["train_steps"], trained["save_and_sample_every"]) == (300, 100)
+    assert {flag: trained[flag] for flag in utils.DEMO_STEPS} == utils.DEMO_STEPS
 
 
 def test_demo_honours_the_step_flags_and_says_it_ignores_the_data_path(tmp_path, monkeypatch,
