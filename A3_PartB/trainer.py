@@ -585,7 +585,7 @@ def read_checkpoint(path, device):
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint at {path}: train first, or pass load_path=None.")
+        raise FileNotFoundError(f"No checkpoint at {path}: train first, or give the path of one.")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch.load raises many kinds for a bad file
