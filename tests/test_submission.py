@@ -166,3 +166,27 @@ def test_missing_required_file_fails_with_a_message_naming_it(repo, tmp_path, na
     assert result.returncode != 0
     assert Path(name).name in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def git_ignores(repository, path):
+    """Whether the repository's .gitignore keeps ``path`` out of git."""
+    return subprocess.run(["git", "check-ignore", "--no-index", "-q", path],
+                          cwd=repository).returncode == 0
+
+
+@pytest.fixture
+def repository_with_our_gitignore(tmp_path):
+    shutil.copy(SCRIPT.parent / ".gitignore", tmp_path / ".gitignore")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    return tmp_path
+
+
+@pytest.mark.parametrize("path", [".env", "A3_PartB/.env", "A3_PartB/wandb.env", ".netrc",
+                                  "A3_PartB/results/model.pt", "A3_PartB/data/afhq_v2.zip",
+                                  "A3_PartB/wandb/run-1/files/config.yaml"])
+def test_git_ignores_credentials_data_results_and_checkpoints(repository_with_our_gitignore, path):
+    assert git_ignores(repository_with_our_gitignore, path)
+
+
+def test_git_keeps_the_starter_network_fixture_of_the_tests(repository_with_our_gitignore):
+    assert not git_ignores(repository_with_our_gitignore, "tests/fixtures/starter_unet_dim8_mults12.pt")
