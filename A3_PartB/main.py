@@ -125,7 +125,7 @@ def check_fid_network():
                          "run without --fid.") from None
 
 
-def check_settings(settings, visualize):
+def check_flags(settings, visualize):
     """Every check that can fail, before any image is decoded or any run is started."""
     check_numbers(settings)
     check_save_folder(settings["save_folder"])
@@ -153,7 +153,7 @@ def main(argv=None):
     if demo:
         settings = demo_settings(settings, vars(parser.parse_args([])))
     try:
-        check_settings(settings, visualize)
+        check_flags(settings, visualize)
         if demo:
             run_demo(**settings)
         elif visualize:
