@@ -532,13 +532,36 @@ def default_device():
     return torch.device("cpu")
 
 
-def autocast_dtype(device):
-    """bf16 on GPUs that run it natively (compute capability 8.0, Ampere, and newer), fp16 (with
-    a GradScaler) on older ones such as Colab's T4, none on the CPU or MPS."""
-    if device.type != "cuda":
-        return None
-    major, _ = torch.cuda.get_device_capability(device)
-    return torch.bfloat16 if major >= 8 else torch.float16
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # name -> autocast dtype
+
+
+def cpu_has_native_bf16():
+    """Whether this CPU computes in bf16 natively (AVX-512 BF16 or AMX): elsewhere bf16 is
+    emulated, and slower than float32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def autocast_dtype(device, precision="auto"):
+    """The dtype of mixed precision, None for float32.
+
+    ``precision="auto"``: bf16 on GPUs that run it natively (compute capability 8.0, Ampere,
+    and newer) and on CPUs with native bf16; fp16 (with a GradScaler) on older GPUs such as
+    Colab's T4; float32 elsewhere. ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA only) force one.
+    """
+    if precision not in ("auto", *PRECISIONS):
+        raise ValueError(f"precision must be 'auto' or one of {list(PRECISIONS)}, got {precision!r}.")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision='fp16' needs a CUDA GPU; use 'bf16' or 'fp32' on a "
+                         f"{device.type} device.")
+    if precision != "auto":
+        return PRECISIONS[precision]
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
 
 
 def adam(parameters, learning_rate, device):
@@ -648,7 +671,7 @@ class Trainer:
                  data_class=None, device=None, fid=False, image_set=None,
                  fid_feature_extractor=None, num_fid_samples=512, num_samples=25, log_every=10,
                  channels_last=False, compile_model=False, fused_accumulation=True,
-                 cuda_graph=True, cache_folder=None):
+                 cuda_graph=True, cache_folder=None, precision="auto"):
         require_positive(train_batch_size=train_batch_size,
                          save_and_sample_every=save_and_sample_every,
                          gradient_accumulate_every=gradient_accumulate_every,
@@ -678,7 +701,7 @@ class Trainer:
         self.checkpoint_path = self.results_folder / "model.pt"
         self.config = {**self.settings, "data_class": data_class, "batch_size": train_batch_size,
                        "learning_rate": train_lr, "train_num_steps": train_num_steps, "fid": fid}
-        self._prepare_optimization(train_lr, channels_last, compile_model, cuda_graph)
+        self._prepare_optimization(train_lr, channels_last, compile_model, cuda_graph, precision)
         self.step = 0
         self.history = []
         if load_path is not None:
@@ -709,7 +732,8 @@ class Trainer:
                          self.results_folder / "fid_samples", self.device,
                          fid_worker_count(workers), feature_extractor)
 
-    def _prepare_optimization(self, learning_rate, channels_last, compile_model, cuda_graph):
+    def _prepare_optimization(self, learning_rate, channels_last, compile_model, cuda_graph,
+                              precision):
         """Adam, mixed precision (with a GradScaler for fp16) and the optional speed-ups."""
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
@@ -718,7 +742,7 @@ class Trainer:
         self.compute_gradients = (CudaGraphed(self._compute_gradients) if use_graph
                                   else self._compute_gradients)
         self.opt = adam(self.model.parameters(), learning_rate, self.device)
-        self.amp_dtype = autocast_dtype(self.device)
+        self.amp_dtype = autocast_dtype(self.device, precision)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_dtype == torch.float16)
 

@@ -42,6 +42,16 @@ class Residual(nn.Module):
         return self.fn(x) + x
 
 
+def layer_norm_over_channels(x, gain):
+    """The starter's LayerNorm of (batch, channels, height, width): each pixel's channels are
+    normalised (biased variance) and times ``gain``. Computed by ``F.layer_norm`` on the
+    channels-last view, which reads contiguous channels instead of reducing over a strided axis;
+    the result is in channels-last memory, which LinearAttention reads as tokens without a copy.
+    """
+    normalised = F.layer_norm(x.movedim(1, -1), x.shape[1:2], gain.reshape(-1), None, norm_eps(x))
+    return normalised.movedim(-1, 1)
+
+
 class LayerNorm(nn.Module):
     """Normalises each pixel's vector of channels (biased variance), times a learned gain ``g``."""
 
@@ -50,8 +60,7 @@ class LayerNorm(nn.Module):
         self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
 
     def forward(self, x):
-        var, mean = torch.var_mean(x, dim=1, correction=0, keepdim=True)
-        return (x - mean) * (var + norm_eps(x)).rsqrt() * self.g
+        return layer_norm_over_channels(x, self.g)
 
 
 class PreNorm(nn.Module):
@@ -145,13 +154,25 @@ class LinearAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Conv2d(hidden_dim, dim, 1), LayerNorm(dim))
 
     def forward(self, x):
-        height, width = x.shape[-2:]
-        q, k, v = split_heads(self.to_qkv(x), self.heads)
-        q, k = q.softmax(dim=-2), k.softmax(dim=-1)
-        context = k @ v.transpose(-2, -1)
+        # Each head's q, k, v is made by a matmul straight into the layout its next op reads
+        # along contiguous memory: q (pixels, dim_head), softmaxed over its features; k
+        # (dim_head, pixels), softmaxed over the pixels; v (pixels, dim_head). The starter's
+        # arithmetic without its rearranging copies of the wide (batch, 384, 32, 32) tensors.
+        batch, channels, height, width = x.shape
+        pixels = height * width
+        features = x.reshape(batch, 1, channels, pixels)
+        tokens = features.mT
+        w_q, w_k, w_v = self.to_qkv.weight.view(3, self.heads, -1, channels).unbind(0)
+        q = (tokens @ w_q.mT).softmax(dim=-1)  # (batch, heads, pixels, dim_head)
+        k = (w_k @ features).softmax(dim=-1)  # (batch, heads, dim_head, pixels)
+        v = tokens @ w_v.mT  # (batch, heads, pixels, dim_head)
         # q * dim_head^-0.5 and v / pixels, applied to the small context instead of q and v
-        context = context * (self.scale / (height * width))
-        return self.to_out(merge_heads(context.transpose(-2, -1) @ q, height, width))
+        context = (k @ v) * (self.scale / pixels)
+        projection, norm = self.to_out
+        w_out = projection.weight.view(channels, self.heads, -1).transpose(0, 1)
+        out = ((q @ context) @ w_out.mT).sum(dim=1) + projection.bias  # (batch, pixels, channels)
+        out = F.layer_norm(out, (channels,), norm.g.reshape(-1), None, norm_eps(out))
+        return out.mT.reshape(batch, channels, height, width)
 
 
 class Attention(nn.Module):
