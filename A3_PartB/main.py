@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from trainer import build_feature_extractor, read_checkpoint
+from trainer import (PRECISIONS, autocast_dtype, build_feature_extractor, default_device,
+                     read_checkpoint)
 from utils import DEMO_STEPS, run_demo, train_diffusion, visualize_diffusion
 
 GROUPS = 8  # the U-Net's GroupNorm groups (resnet_block_groups), which must divide its widths
@@ -54,6 +55,10 @@ def build_parser():
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="Adam's learning rate")
     parser.add_argument("--dataloader_workers", type=int, default=16,
                         help="decoding threads and clean-fid workers (capped at the CPU count)")
+    parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                        help="auto: mixed precision where the device runs it natively (bf16 on "
+                             "recent GPUs and CPUs with native bf16, fp16 on older GPUs such as "
+                             "the T4), else fp32; fp16 needs a CUDA GPU")
     parser.add_argument("--visualize", action="store_true",
                         help="draw the forward and backward processes of a trained model")
     parser.add_argument("--demo", action="store_true",
@@ -128,6 +133,10 @@ def check_fid_network():
 def check_flags(settings, visualize):
     """Every check that can fail, before any image is decoded or any run is started."""
     check_numbers(settings)
+    try:
+        autocast_dtype(default_device(), settings["precision"])
+    except ValueError as error:
+        raise ValueError(f"--precision: {error}") from None
     check_save_folder(settings["save_folder"])
     check_checkpoint(settings, visualize)
     if settings["fid"] and not visualize:

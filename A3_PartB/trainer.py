@@ -658,9 +658,8 @@ class Trainer:
     Beyond the starter's arguments: ``image_set`` an ``ImageSet`` to use instead of reading
     ``folder``; ``fid_feature_extractor`` replaces clean-fid's Inception (see ``FidScorer``);
     ``num_fid_samples`` (512, the course protocol); ``num_samples`` in the sample grid;
-    ``channels_last``, ``compile_model`` (``torch.compile``), ``fused_accumulation`` (see
-    ``_compute_gradients``) and ``cuda_graph`` (see ``CudaGraphed``; GPU only, and not with
-    ``compile_model``) speed options; ``cache_folder`` for decoded images and FID statistics.
+    ``precision`` ("auto", "fp32", "bf16" or "fp16", see ``autocast_dtype``); ``cuda_graph``
+    (see ``CudaGraphed``; GPU only); ``cache_folder`` for decoded images and FID statistics.
     ``dataloader_workers`` caps the decoding threads and clean-fid's workers at the CPU count.
     """
 
@@ -670,7 +669,6 @@ class Trainer:
                  results_folder="./results", load_path=None, dataset=None, shuffle=True,
                  data_class=None, device=None, fid=False, image_set=None,
                  fid_feature_extractor=None, num_fid_samples=512, num_samples=25, log_every=10,
-                 channels_last=False, compile_model=False, fused_accumulation=True,
                  cuda_graph=True, cache_folder=None, precision="auto"):
         require_positive(train_batch_size=train_batch_size,
                          save_and_sample_every=save_and_sample_every,
@@ -687,7 +685,6 @@ class Trainer:
         self.batch_size = train_batch_size
         self.train_num_steps = train_num_steps
         self.gradient_accumulate_every = gradient_accumulate_every
-        self.passes_per_step = 1 if fused_accumulation else gradient_accumulate_every
         self.save_and_sample_every = save_and_sample_every
         self.data_class = data_class
         self.fid = fid
@@ -701,14 +698,15 @@ class Trainer:
         self.checkpoint_path = self.results_folder / "model.pt"
         self.config = {**self.settings, "data_class": data_class, "batch_size": train_batch_size,
                        "learning_rate": train_lr, "train_num_steps": train_num_steps, "fid": fid}
-        self._prepare_optimization(train_lr, channels_last, compile_model, cuda_graph, precision)
+        self._prepare_optimization(train_lr, cuda_graph, precision)
         self.step = 0
         self.history = []
         if load_path is not None:
             self.load(load_path)  # before the data, so a bad checkpoint fails before decoding
 
-        images_per_pass = train_batch_size * gradient_accumulate_every // self.passes_per_step
-        self._prepare_data(image_set, images_per_pass, shuffle, augment=dataset == "train",
+        # The gradient_accumulate_every batches of a step are drawn as one (_compute_gradients).
+        images_per_step = train_batch_size * gradient_accumulate_every
+        self._prepare_data(image_set, images_per_step, shuffle, augment=dataset == "train",
                            workers=dataloader_workers)
         self.fid_scorer = None
         if fid:
@@ -732,13 +730,9 @@ class Trainer:
                          self.results_folder / "fid_samples", self.device,
                          fid_worker_count(workers), feature_extractor)
 
-    def _prepare_optimization(self, learning_rate, channels_last, compile_model, cuda_graph,
-                              precision):
+    def _prepare_optimization(self, learning_rate, cuda_graph, precision):
         """Adam, mixed precision (with a GradScaler for fp16) and the optional speed-ups."""
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model.to(memory_format=self.memory_format)
-        self.loss_function = torch.compile(self.model) if compile_model else self.model
-        use_graph = cuda_graph and self.device.type == "cuda" and not compile_model
+        use_graph = cuda_graph and self.device.type == "cuda"
         self.compute_gradients = (CudaGraphed(self._compute_gradients) if use_graph
                                   else self._compute_gradients)
         self.opt = adam(self.model.parameters(), learning_rate, self.device)
@@ -782,26 +776,24 @@ class Trainer:
                               enabled=self.amp_dtype is not None, cache_enabled=False)
 
     def _compute_gradients(self):
-        """The gradients of Algorithm 1's loss on ``gradient_accumulate_every`` batches.
+        """The gradients of Algorithm 1's loss on one step's ``gradient_accumulate_every`` batches.
 
-        As in the starter, the noise is drawn here and the loss is ``model(x_0, noise)``.
-        With fused accumulation the batches go through the model as one: the loss is a mean
-        over images and GroupNorm normalises each image alone, so the gradient is the same as
-        accumulating them one by one, for a fraction of the kernel launches.
+        As in the starter, the noise is drawn here and the loss is ``model(x_0, noise)``. The
+        step's batches go through the model as one (``dl`` draws them together): the loss is a
+        mean over images and GroupNorm normalises each image alone, so the gradient is the
+        starter's accumulation of them one by one, in half the passes. The loss is float32
+        whatever the precision of the passes.
         The gradients are reset first rather than after the optimizer step, so that in a CUDA
         graph each replay writes them anew into the tensors the optimizer reads.
-        Returns the mean loss as a tensor on the device (reading it would stall the GPU).
+        Returns the loss as a tensor on the device (reading it would stall the GPU).
         """
         self.opt.zero_grad(set_to_none=True)
-        total_loss = torch.zeros((), device=self.device)
-        for _ in range(self.passes_per_step):
-            x_0 = next(self.dl).contiguous(memory_format=self.memory_format)
-            noise = torch.randn_like(x_0)  # Algorithm 1, line 4
-            with self._autocast():
-                loss = self.loss_function(x_0, noise).mean() / self.passes_per_step
-            self.scaler.scale(loss).backward()
-            total_loss += loss.detach()
-        return total_loss
+        x_0 = next(self.dl)
+        noise = torch.randn_like(x_0)  # Algorithm 1, line 4
+        with self._autocast():
+            loss = self.model(x_0, noise).float().mean()
+        self.scaler.scale(loss).backward()
+        return loss.detach()
 
     def _train_step(self):
         """One optimizer step of Algorithm 1; returns its mean loss as a tensor on the device.

@@ -55,8 +55,11 @@ def setup_diffusion(train_steps, save_and_sample_every, fid, save_folder, data_p
 def train_diffusion(train_steps, save_and_sample_every, fid, save_folder, data_path,
                     load_path=None, unet_dim_mults=[1, 2, 4, 8], image_size=32, batch_size=32,
                     data_class="cat", time_steps=50, unet_dim=16, learning_rate=1e-3,
-                    dataloader_workers=16, Diffusion=None):
+                    dataloader_workers=16, Diffusion=None, precision="auto"):
     """Parts 1, 2 and 5: train (resuming from ``load_path`` if given); returns the Trainer.
+
+    ``precision`` (beyond the starter's arguments): "auto" (mixed precision where the device
+    runs it natively), "fp32", "bf16" or "fp16" (CUDA only); see ``trainer.autocast_dtype``.
 
     ``trainer.history`` holds the logged rows (step, loss, fid); the checkpoint, sample grids,
     loss.png, fid.png and metrics.csv are in ``save_folder``.
@@ -69,11 +72,12 @@ def train_diffusion(train_steps, save_and_sample_every, fid, save_folder, data_p
 def visualize_diffusion(train_steps, save_and_sample_every, fid, save_folder, data_path,
                         load_path=None, unet_dim_mults=[1, 2, 4, 8], image_size=32,
                         batch_size=32, data_class="cat", time_steps=50, unet_dim=16,
-                        learning_rate=1e-3, dataloader_workers=16, Diffusion=None):
+                        learning_rate=1e-3, dataloader_workers=16, Diffusion=None,
+                        precision="auto"):
     """Parts 3, 4 and 6: forward and backward process figures of a trained model.
 
     Loads ``load_path`` (default ``save_folder/model.pt``); returns the paths of
-    forward_diffusion.png and backward_diffusion.png.
+    forward_diffusion.png and backward_diffusion.png. ``precision`` as for ``train_diffusion``.
     """
     if load_path is None:
         load_path = Path(save_folder) / "model.pt"

@@ -1,21 +1,27 @@
-"""Speed of Part B on whatever device this machine has; prints a table and JSON.
+"""Speed of Part B on whatever device this machine has, beside lucidrains' library; prints a
+table and JSON.
 
-    python benchmarks/benchmark.py                 # full: 5,000 images, Parts 1 and 2 of 1,000 steps
-    python benchmarks/benchmark.py --images 2000 --part-steps 20 --every 10 --fid-reference 1000 \
-        --timed-steps 10                           # a CPU: the same figures on a smaller scale
+    pip install -r benchmarks/requirements.txt      # lucidrains' denoising-diffusion-pytorch
+    python benchmarks/benchmark.py                  # full: 5,000 images, Parts 1 and 2 of 1,000 steps
+    python benchmarks/benchmark.py --images 2000 --part-steps 100 --every 10 --timed-steps 10 \
+        --sections pipeline training lucidrains sampling precision part1   # a 2-core CPU
 
 It writes its own AFHQ-layout folder of synthetic 512x512 images (nothing is downloaded) and
-measures, in one run:
-  * the input pipeline: the cached on-device tensor of trainer.py against decoding the image
-    files every step as the original starter did (torchvision transforms in a DataLoader);
-  * training steps/s at the handout's settings (batch 32, accumulation 2, T=50, dim 16, 32x32)
-    with each speed option on and off (fused accumulation, mixed precision, the CUDA graph,
-    channels_last, torch.compile), with the mean loss of the timed steps beside each;
-  * sampling images/s for 512 samples of 50 steps;
-  * one FID evaluation with cached reference statistics against recomputing them, with an
+measures, in one run (``--sections`` picks some):
+  * pipeline: the cached on-device tensor of trainer.py against decoding the image files every
+    step as the original starter did (torchvision transforms in a DataLoader);
+  * training: steady-state steps/s at the handout's settings (batch 32, accumulation 2, T=50,
+    dim 16, 32x32) with the Trainer's defaults and with each choice it leaves open (precision;
+    the CUDA graph on a GPU), with the mean loss of the timed steps beside each;
+  * lucidrains: seconds per step of this package's Trainer and of lucidrains' Trainer, each from
+    the difference of a 5-step and a 25-step run (setup and the final grid cancel out), and
+    sampling 512 images with lucidrains' ``sample``;
+  * sampling: images/s for 512 samples of 50 steps, with each precision;
+  * precision: 300 seeded steps in mixed precision and in float32, the mean loss of the last 100;
+  * fid: one FID evaluation with cached reference statistics against recomputing them, with an
     Inception-v3-sized network (random weights) standing in for clean-fid's Inception offline;
-  * end-to-end wall time of Part 1 (no FID) and Part 2 (FID every 100 steps), and optionally
-    Part 5 (``--part5``).
+  * part1, part2, part5: end-to-end wall time of Part 1 (no FID), Part 2 (FID at every grid)
+    and Part 5 (10,000 steps, only when asked for).
 """
 import argparse
 import json
@@ -43,7 +49,10 @@ from unet import Unet  # noqa: E402
 
 HANDOUT = dict(image_size=32, batch_size=32, time_steps=50, unet_dim=16)
 SAMPLES = 512
-SECTIONS = ("pipeline", "training", "sampling", "fid", "parts", "compile")
+SECTIONS = ("pipeline", "training", "lucidrains", "sampling", "precision", "fid", "part1", "part2",
+            "part5")
+DEFAULT_SECTIONS = SECTIONS[:-1]  # Part 5 (10,000 steps) only when asked for
+WARMUP_STEPS = 5
 
 
 def parse_args():
@@ -55,9 +64,8 @@ def parse_args():
     parser.add_argument("--fid-reference", type=int, default=None,
                         help="reference images for the FID timing (default: all)")
     parser.add_argument("--timed-steps", type=int, default=50, help="steps timed per speed option")
-    parser.add_argument("--part5", action="store_true", help="also time Part 5 (10,000 steps)")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS,
-                        help="what to measure (default: everything)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=DEFAULT_SECTIONS,
+                        help="what to measure (default: all but part5)")
     parser.add_argument("--workdir", default=None, help="where data and results go (default: a temp dir)")
     parser.add_argument("--json", default=None, help="also write the JSON figures to this file")
     return parser.parse_args()
@@ -125,70 +133,129 @@ def cached_pipeline_images_per_s(image_set, batches, device):
     return batches * HANDOUT["batch_size"] / seconds
 
 
-def speed_options(device):
-    """The option sets to time, each adding one option to the one before; torch.compile's
-    minutes of compilation come last, so that a run cut short still has every other figure."""
-    additions = [("baseline: fp32, accumulation batch by batch",
-                  dict(amp=False, fused_accumulation=False, cuda_graph=False)),
-                 ("+ fused accumulation", dict(fused_accumulation=True))]
-    if device.type == "cuda":
-        additions += [("+ mixed precision", dict(amp=True)), ("+ CUDA graph", dict(cuda_graph=True))]
-    default = additions[-1][0]  # what the Trainer does by default on this device
-    additions.append(("+ channels_last", dict(channels_last=True)))
-    options, current = {}, {}
-    for name, addition in additions:
-        current = {**current, **addition}
-        options[name] = current
-    compiled = dict(options[default], compile_model=True, cuda_graph=False)  # the Trainer uses one
-    return options, default, {"default + torch.compile": compiled}
+def precision_options(device):
+    """The option sets to time against each other: the Trainer's default (first) and each choice
+    it leaves to the user on this device (mixed precision; the CUDA graph on a GPU)."""
+    if device.type != "cuda":
+        default = trainer_module.autocast_dtype(device) or "fp32"
+        name = "bf16" if default == torch.bfloat16 else "fp32"
+        return {f"default ({name})": {}, "fp32": dict(precision="fp32")}
+    return {"default (auto precision + CUDA graph)": {},
+            "bf16, no CUDA graph": dict(precision="bf16", cuda_graph=False),
+            "fp16 + CUDA graph": dict(precision="fp16"),
+            "fp32 + CUDA graph": dict(precision="fp32")}
 
 
-def build_trainer(image_set, results, device, amp, **speed):
-    """A Trainer of the handout's model on the decoded images, with the given speed options."""
+def build_trainer(image_set, results, device, **options):
+    """A Trainer of the handout's model on the decoded images, with the given options."""
     torch.manual_seed(0)
     diffusion = Diffusion(Unet(HANDOUT["unet_dim"]), image_size=HANDOUT["image_size"],
                           timesteps=HANDOUT["time_steps"])
-    trainer = trainer_module.Trainer(diffusion, None, image_set=image_set, dataset="train",
-                                     results_folder=results, device=device, **speed)
-    if not amp:
-        trainer.amp_dtype = None
-    return trainer
+    return trainer_module.Trainer(diffusion, None, image_set=image_set, dataset="train",
+                                  results_folder=results, device=device, **options)
 
 
-def training_speed(image_set, results, device, timed_steps, **options):
-    """(steps/s, mean loss of the timed steps, whether a CUDA graph ran them): the loss, the same
-    for every option set up to round-off and sampling noise, shows that an option speeds the
-    training up without changing it."""
-    trainer = build_trainer(image_set, results, device, **options)
+def steady_losses(trainer, steps, device):
+    """(seconds, losses) of ``steps`` training steps after a warm-up (cuDNN's choices, the CUDA
+    graph's capture); the losses are read once, at the end."""
     trainer.model.train()
-    for _ in range(10):  # warm-up: cuDNN's choices, the CUDA graph's capture, torch.compile
+    for _ in range(WARMUP_STEPS):
         trainer._train_step()
-    loss_sum = torch.zeros((), device=device)
-
-    def train():
-        for _ in range(timed_steps):
-            loss_sum.add_(trainer._train_step())
-
-    seconds, _ = timed(train, device)
-    graphed = getattr(trainer.compute_gradients, "graph", None) is not None
-    return timed_steps / seconds, loss_sum.item() / timed_steps, graphed
+    seconds, losses = timed(lambda: [trainer._train_step() for _ in range(steps)], device)
+    return seconds, torch.stack(losses).tolist()
 
 
-def time_training_options(options, image_set, results, device, args, figures):
-    """Record training steps/s and the mean loss for each option set."""
-    for name, option in options.items():
-        try:
-            steps_per_s, loss, graphed = training_speed(image_set, results / "speed", device,
-                                                        args.timed_steps, **option)
-            figures[f"train_steps_per_s[{name}]"] = round(steps_per_s, 2)
-            figures[f"train_loss[{name}]"] = round(loss, 4)
-            if option.get("cuda_graph") and device.type == "cuda":
-                figures[f"train_cuda_graph_captured[{name}]"] = graphed
-        except Exception as error:  # noqa: BLE001 - an option that fails here is a figure too
-            figures[f"train_steps_per_s[{name}]"] = f"failed: {type(error).__name__}: {error}"[:200]
+def time_precision_options(image_set, results, device, args, figures):
+    """Steady-state steps/s of each option set, with the mean loss of the timed steps."""
+    for name, options in precision_options(device).items():
+        trainer = build_trainer(image_set, results / "speed", device, **options)
+        seconds, losses = steady_losses(trainer, args.timed_steps, device)
+        figures[f"train_steps_per_s[{name}]"] = round(args.timed_steps / seconds, 2)
+        figures[f"train_loss[{name}]"] = round(sum(losses) / len(losses), 4)
+        if device.type == "cuda":
+            graphed = getattr(trainer.compute_gradients, "graph", None) is not None
+            figures[f"train_cuda_graph_captured[{name}]"] = graphed
+
+
+def precision_trains_the_same(image_set, results, device, figures, steps=300, last=100):
+    """The default mixed precision against float32 over the same seeded ``steps``: the mean
+    loss of the last ``last`` steps of each, and their relative difference."""
+    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(trainer_module.autocast_dtype(device))
+    if mixed is None:
+        figures["precision_check"] = "this device trains in fp32 by default"
+        return
+    means = {}
+    for precision in ("fp32", mixed):
+        trainer = build_trainer(image_set, results / "precision", device, precision=precision)
+        trainer.model.train()
+        losses = [trainer._train_step() for _ in range(steps)]
+        means[precision] = torch.stack(losses[-last:]).mean().item()
+        figures[f"mean_loss_of_steps_{steps - last + 1}_to_{steps}[{precision}]"] = round(
+            means[precision], 4)
+    figures[f"mean_loss_relative_difference[{mixed} vs fp32]"] = round(
+        abs(means[mixed] - means["fp32"]) / means["fp32"], 4)
+
+
+def trainer_seconds(steps, data_path, results, cache):
+    """Wall time of ``steps`` steps of this package's Trainer, set up as the notebook does."""
+    _, _, trainer = utils.setup_diffusion(steps, steps, False, results, data_path,
+                                          dataloader_workers=os.cpu_count(), cache_folder=cache)
+    seconds, _ = timed(trainer.train, trainer.device)
+    return seconds
+
+
+def lucidrains_diffusion():
+    """lucidrains' GaussianDiffusion and Unet with the handout's settings (its cosine schedule,
+    noise prediction); None when denoising-diffusion-pytorch is not installed."""
+    try:
+        import denoising_diffusion_pytorch as lucidrains
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    unet = lucidrains.Unet(HANDOUT["unet_dim"], dim_mults=(1, 2, 4, 8))
+    return lucidrains.GaussianDiffusion(unet, image_size=HANDOUT["image_size"],
+                                        timesteps=HANDOUT["time_steps"], objective="pred_noise",
+                                        beta_schedule="cosine")
+
+
+def lucidrains_seconds(steps, data_path, results):
+    """Wall time of ``steps`` steps of lucidrains' Trainer (its defaults: fp32, EMA, images
+    decoded by DataLoader workers at every step) with the handout's batch, accumulation and rate."""
+    from denoising_diffusion_pytorch import Trainer as LucidrainsTrainer
+    trainer = LucidrainsTrainer(lucidrains_diffusion(), str(data_path / "cat"),
+                                train_batch_size=HANDOUT["batch_size"], gradient_accumulate_every=2,
+                                train_lr=1e-3, train_num_steps=steps, save_and_sample_every=10 ** 9,
+                                results_folder=str(results), calculate_fid=False)
+    seconds, _ = timed(trainer.train, trainer.device)
+    return seconds
+
+
+def seconds_per_step(run, short, long):
+    """(run(long) - run(short)) / (long - short): setup and the final grid cancel out."""
+    return (run(long) - run(short)) / (long - short)
+
+
+def compare_with_lucidrains(data_path, results, device, figures, short=5, long=25):
+    """Seconds per training step of this package's Trainer and lucidrains', and sampling 512
+    images with each, in one run."""
+    if lucidrains_diffusion() is None:
+        figures["lucidrains"] = "not installed: pip install -r benchmarks/requirements.txt"
+        return
+    cache = results / "cache"
+    ours = seconds_per_step(lambda steps: trainer_seconds(steps, data_path, results / "ours", cache),
+                            short, long)
+    theirs = seconds_per_step(lambda steps: lucidrains_seconds(steps, data_path,
+                                                               results / "lucidrains"), short, long)
+    figures["train_s_per_step[this package's Trainer]"] = round(ours, 3)
+    figures["train_s_per_step[lucidrains Trainer]"] = round(theirs, 3)
+    figures["train_speedup_over_lucidrains"] = round(theirs / ours, 2)
+    diffusion = lucidrains_diffusion().to(device).eval()
+    seconds, _ = timed(lambda: diffusion.sample(batch_size=SAMPLES), device)
+    figures["sampling_img_per_s[lucidrains sample]"] = round(SAMPLES / seconds, 1)
 
 
 def sampling_images_per_s(trainer, device):
+    """Images per second of ``SAMPLES`` samples of Algorithm 2, as the Trainer draws its grids."""
     with trainer._autocast():
         seconds, _ = timed(lambda: trainer.model.sample(SAMPLES), device)
     return SAMPLES / seconds
@@ -251,6 +318,7 @@ def run(args, workdir, figures):
     device = trainer_module.default_device()
     figures["device"] = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     figures["cpus"] = os.cpu_count()
+    figures["cpu_native_bf16"] = trainer_module.cpu_has_native_bf16()
     figures["torch"] = torch.__version__
     figures["images"] = args.images
     data_path, mean_file_size = write_dataset(workdir / "data", args.images)
@@ -266,39 +334,40 @@ def run(args, workdir, figures):
             starter_pipeline_images_per_s(data_path, 40, device))
         figures["pipeline_cached_tensor_img_per_s"] = round(
             cached_pipeline_images_per_s(image_set, 200, device))
-
-    quick_options, default, compiled_options = speed_options(device)
-    figures["default_options"] = default
     if "training" in sections:
-        time_training_options(quick_options, image_set, results, device, args, figures)
+        time_precision_options(image_set, results, device, args, figures)
+    if "lucidrains" in sections:
+        compare_with_lucidrains(data_path, results, device, figures)
     if "sampling" in sections:
-        trainer = build_trainer(image_set, results / "speed", device, **quick_options[default])
-        figures["sampling_img_per_s"] = round(sampling_images_per_s(trainer, device), 1)
-
+        for name, options in precision_options(device).items():
+            trainer = build_trainer(image_set, results / "speed", device, **options)
+            figures[f"sampling_img_per_s[{name}]"] = round(sampling_images_per_s(trainer, device), 1)
+    if "precision" in sections:
+        precision_trains_the_same(image_set, results, device, figures)
     if "fid" in sections:
         reference_count = args.fid_reference or len(image_set.reference)
         recompute, cached = fid_seconds(image_set, results / "fid", device, reference_count)
         figures["fid_reference_images"] = reference_count
         figures["fid_recompute_reference_s"] = round(recompute, 2)
         figures["fid_cached_reference_s"] = round(cached, 2)
+    time_parts(args, data_path, results, device, sections, figures)
 
-    if "parts" in sections:
-        time_parts(args, data_path, results, device, figures)
-    if "compile" in sections:
-        time_training_options(compiled_options, image_set, results, device, args, figures)
-    if args.part5:
+
+def time_parts(args, data_path, results, device, sections, figures):
+    """End-to-end wall time of Part 1 (no FID), Part 2 (FID at every milestone) and Part 5."""
+    every = args.every or max(1, args.part_steps // 10)
+    if {"part1", "part2"} & sections:
+        figures["part_steps"] = args.part_steps
+        figures["part_every"] = every
+    if "part1" in sections:
+        figures["part1_s"] = round(part_seconds(data_path, results / "part1", args.part_steps,
+                                                every, False, None), 1)
+    if "part2" in sections:
+        figures["part2_s"] = round(part_seconds(data_path, results / "part2", args.part_steps,
+                                                every, True, inception_sized_extractor(device)), 1)
+    if "part5" in sections:
         figures["part5_s"] = round(part_seconds(data_path, results / "part5", 10000, 1000,
                                                 False, None), 1)
-
-
-def time_parts(args, data_path, results, device, figures):
-    """End-to-end wall time of Part 1 (no FID) and Part 2 (FID at every milestone)."""
-    every = args.every or max(1, args.part_steps // 10)
-    figures["part_steps"] = args.part_steps
-    figures["part1_s"] = round(part_seconds(data_path, results / "part1", args.part_steps, every,
-                                            False, None), 1)
-    figures["part2_s"] = round(part_seconds(data_path, results / "part2", args.part_steps, every,
-                                            True, inception_sized_extractor(device)), 1)
 
 
 def print_table(figures):

@@ -130,7 +130,7 @@ def test_flag_defaults_are_the_starters():
         train_steps=10000, save_and_sample_every=1000, fid=False, save_folder="./results",
         data_path="./data/train/", load_path=None, unet_dim_mults=[1, 2, 4, 8], image_size=32,
         batch_size=32, data_class="cat", time_steps=50, unet_dim=16, learning_rate=1e-3,
-        dataloader_workers=16, visualize=False, demo=False)
+        dataloader_workers=16, precision="auto", visualize=False, demo=False)
 
 
 def test_main_passes_settings_to_train_diffusion_by_keyword(tmp_path, monkeypatch):
@@ -141,6 +141,13 @@ def test_main_passes_settings_to_train_diffusion_by_keyword(tmp_path, monkeypatc
                       "--save_folder", str(tmp_path)]) == 0
     assert received[0]["fid"] is True and received[0]["unet_dim_mults"] == [1, 2]
     assert received[0]["data_class"] == "all" and received[0]["load_path"] is None
+    assert received[0]["precision"] == "auto"
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", None), ("bf16", torch.bfloat16)])
+def test_train_diffusion_passes_the_precision_to_the_trainer(afhq, tmp_path, precision, dtype):
+    trainer = utils.train_diffusion(1, 1, False, tmp_path, afhq, precision=precision, **TINY)
+    assert trainer.amp_dtype is dtype and trainer.step == 1
 
 
 def test_visualize_flag_calls_visualize_diffusion(tmp_path, monkeypatch):
@@ -240,6 +247,7 @@ def run_main_expecting_an_error(arguments, capsys):
     (["--unet_dim", "12"], "--unet_dim must be a multiple of 8"),
     (["--unet_dim_mults", "1", "0"], "--unet_dim_mults must all be at least 1"),
     (["--image_size", "30"], "--image_size 30 cannot be halved 3 times, as --unet_dim_mults 1 2 4 8"),
+    (["--precision", "fp16"], "--precision: precision='fp16' needs a CUDA GPU"),
 ])
 def test_bad_numbers_are_refused_by_flag_before_any_work(afhq, tmp_path, capsys, monkeypatch,
                                                          arguments, message):

@@ -1,6 +1,7 @@
 """Trainer: data pipeline, training loop, checkpoints, figures, visualisation and wandb."""
 import contextlib
 import csv
+import math
 import sys
 import types
 
@@ -432,8 +433,8 @@ def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(afhq, tmp_path, 
     make_trainer(afhq, tmp_path, train_num_steps=2).train()
     good = load_checkpoint(tmp_path / "model.pt")
     trainer = make_trainer(afhq, tmp_path, train_num_steps=6, load_path=tmp_path / "model.pt")
-    monkeypatch.setattr(trainer, "loss_function",
-                        lambda x_0, noise: trainer.model(x_0, noise) * float("nan"))
+    forward = trainer.model.forward
+    monkeypatch.setattr(trainer.model, "forward", lambda x_0, noise: forward(x_0, noise) * float("nan"))
     with pytest.raises(FloatingPointError, match="became nan at step 3"):
         trainer.train()
     kept = load_checkpoint(tmp_path / "model.pt")
@@ -463,24 +464,26 @@ def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_stops(afhq, tmp_path, 
     assert f"--load_path {tmp_path / 'model.pt'}" in capsys.readouterr().out
 
 
-def test_gradient_accumulation_averages_the_batches(afhq, tmp_path, monkeypatch):
-    trainer = make_trainer(afhq, tmp_path, gradient_accumulate_every=2, fused_accumulation=False)
-    losses = iter([torch.tensor(1.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)])
-    monkeypatch.setattr(trainer, "loss_function", lambda x_0, noise: next(losses))
-    assert trainer._train_step().item() == pytest.approx(2.0)
-
-
-def test_fused_accumulation_runs_all_the_batches_of_a_step_in_one_pass(afhq, tmp_path, monkeypatch):
+def test_a_step_runs_its_accumulated_batches_through_the_model_in_one_pass(afhq, tmp_path,
+                                                                           monkeypatch):
     trainer = make_trainer(afhq, tmp_path, train_batch_size=4, gradient_accumulate_every=3)
     batch_sizes = []
-    loss_function = trainer.loss_function
-    monkeypatch.setattr(trainer, "loss_function",
-                        lambda x_0, noise: batch_sizes.append(len(x_0)) or loss_function(x_0, noise))
+    forward = trainer.model.forward
+    monkeypatch.setattr(trainer.model, "forward",
+                        lambda x_0, noise: batch_sizes.append(len(x_0)) or forward(x_0, noise))
     trainer._train_step()
     assert batch_sizes == [12]
 
 
-def test_fused_accumulation_gives_the_gradient_of_accumulating_batch_by_batch():
+def test_the_loss_is_float32_whatever_the_precision_of_the_model(afhq, tmp_path, monkeypatch):
+    trainer = make_trainer(afhq, tmp_path, precision="bf16")
+    forward = trainer.model.forward
+    monkeypatch.setattr(trainer.model, "forward",
+                        lambda x_0, noise: forward(x_0, noise).to(torch.bfloat16))
+    assert trainer._train_step().dtype == torch.float32
+
+
+def test_one_pass_over_the_accumulated_batches_gives_the_gradient_of_accumulating_them():
     diffusion = tiny_diffusion()
     x_0 = torch.rand(6, 3, IMAGE_SIZE, IMAGE_SIZE) * 2 - 1
     t, noise = torch.randint(0, 10, (6,)), torch.randn_like(x_0)
@@ -496,7 +499,7 @@ def test_fused_accumulation_gives_the_gradient_of_accumulating_batch_by_batch():
 def test_each_step_computes_its_gradients_afresh(afhq, tmp_path, monkeypatch):
     trainer = make_trainer(afhq, tmp_path)
     weight = trainer.model.model.final_conv.bias
-    monkeypatch.setattr(trainer, "loss_function", lambda x_0, noise: (weight * 3).sum())
+    monkeypatch.setattr(trainer.model, "forward", lambda x_0, noise: (weight * 3).sum())
     trainer._compute_gradients()
     trainer._compute_gradients()
     assert torch.equal(weight.grad, torch.full_like(weight, 3.0))
@@ -592,18 +595,31 @@ def test_adam_is_fused_on_a_gpu_so_a_grad_scaler_needs_no_host_sync(device, fuse
     assert getattr(optimizer, "_step_supports_amp_scaling", False) is fused
 
 
-def test_mixed_precision_is_off_on_cpu(afhq, tmp_path):
-    trainer = make_trainer(afhq, tmp_path)
-    assert autocast_dtype(torch.device("cpu")) is None
-    assert not trainer.scaler.is_enabled()
+@pytest.mark.parametrize("native_bf16, dtype", [(True, torch.bfloat16), (False, None)])
+def test_mixed_precision_on_a_cpu_is_bf16_only_where_the_cpu_has_it(monkeypatch, native_bf16, dtype):
+    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: native_bf16)
+    assert autocast_dtype(torch.device("cpu")) is dtype
 
 
-def test_channels_last_option_converts_the_model_and_trains(afhq, tmp_path):
-    trainer = make_trainer(afhq, tmp_path, train_num_steps=1, channels_last=True)
-    weight = trainer.model.model.init_conv.weight
-    assert weight.is_contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("precision, dtype", [("fp32", None), ("bf16", torch.bfloat16)])
+def test_precision_can_be_forced_either_way(monkeypatch, precision, dtype):
+    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: dtype is None)
+    assert autocast_dtype(torch.device("cpu"), precision) is dtype
+
+
+@pytest.mark.parametrize("precision, message", [("fp16", "needs a CUDA GPU"),
+                                                ("half", "must be 'auto' or one of")])
+def test_a_precision_the_device_cannot_run_is_refused_when_the_trainer_is_built(
+        afhq, tmp_path, precision, message):
+    with pytest.raises(ValueError, match=message):
+        make_trainer(afhq, tmp_path, precision=precision)
+
+
+def test_bf16_on_a_cpu_trains_without_a_grad_scaler(afhq, tmp_path):
+    trainer = make_trainer(afhq, tmp_path, precision="bf16", train_num_steps=2)
     trainer.train()
-    assert trainer.step == 1
+    assert trainer.amp_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
+    assert all(math.isfinite(row["loss"]) for row in trainer.history)
 
 
 def test_image_size_must_match_the_model(afhq, tmp_path):
