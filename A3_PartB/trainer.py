@@ -65,16 +65,16 @@ OTHER_WRITE_ADVICE = "Write to a folder you can write to, or make this one writa
 
 class SaveError(OSError):
     """A file could not be written (a full disk, no permission): the message names the file,
-    the reason and what to do, then ``then``. ``path``, the ``os_error`` and its ``reason`` are
-    kept for callers that go on or add to the message."""
+    the reason and what to do, then ``next_step`` (how to resume, say). ``path``, the
+    ``os_error`` and its ``reason`` are kept for callers that go on or add to the message."""
 
-    def __init__(self, path, error, then=""):
+    def __init__(self, path, error, next_step=""):
         self.path = path
         self.os_error = error
         self.reason = error.strerror or str(error)
         advice = WRITE_ADVICE.get(error.errno, OTHER_WRITE_ADVICE)
         super().__init__(f"Cannot write {path}: {self.reason}. {advice}; files already saved "
-                         f"there are intact. {then}".rstrip())
+                         f"there are intact. {next_step}".rstrip())
         self.errno = error.errno
 
 

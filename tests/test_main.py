@@ -236,6 +236,7 @@ def run_main_expecting_an_error(arguments, capsys):
     (["--batch_size", "0"], "--batch_size must be at least 1"),
     (["--time_steps", "0"], "--time_steps must be at least 1"),
     (["--learning_rate", "0"], "--learning_rate must be positive"),
+    (["--checkpoint_minutes", "0"], "--checkpoint_minutes must be positive"),
     (["--dataloader_workers", "-1"], "--dataloader_workers must be 0 or more"),
     (["--unet_dim", "12"], "--unet_dim must be a multiple of 8"),
     (["--unet_dim_mults", "1", "0"], "--unet_dim_mults must all be at least 1"),
