@@ -257,14 +257,14 @@ def read_cache(cache_file, read):
     line and left for the caller to rebuild: it never stops a run, nor needs deleting by hand.
     ``read`` raises ValueError, saying why, for a readable file of the wrong content.
     """
-    if not cache_file.is_file():
-        return None
     try:
+        if not cache_file.is_file():  # which raises for a folder the user may not enter
+            return None
         return read(cache_file)
     except ValueError as error:
         reason = str(error)
     except Exception as error:  # noqa: BLE001 - loading a damaged file fails in many ways
-        reason = f"it cannot be read ({type(error).__name__})"
+        reason = f"it cannot be read: {type(error).__name__}"
     print(f"Cache file {cache_file} is not usable ({reason}): rebuilding it.")
     return None
 
