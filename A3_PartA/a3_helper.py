@@ -1,6 +1,7 @@
 """Helpers for the VAE notebook: seeding, device choice, MNIST loading, plotting and the training loop."""
 import math
 import random
+import struct
 import weakref
 from pathlib import Path
 
@@ -56,15 +57,59 @@ def rel_error(x, y, eps=1e-10):
     return top / bottom
 
 
+def idx_shape(path):
+    """The shape an idx-ubyte file (MNIST's raw format) declares in its header.
+
+    Raises ValueError, saying what is wrong, when the file does not start as an idx file of
+    bytes or its size is not the header's (a file cut short).
+    """
+    with open(path, "rb") as file:
+        magic = file.read(4)
+        if len(magic) < 4 or magic[:3] != b"\x00\x00\x08":
+            raise ValueError("it does not start as an idx file of bytes")
+        dimensions = file.read(4 * magic[3])
+    if len(dimensions) < 4 * magic[3]:
+        raise ValueError("its header is cut short")
+    shape = struct.unpack(f">{magic[3]}i", dimensions)
+    expected = 4 + len(dimensions) + math.prod(shape)
+    size = path.stat().st_size
+    if size != expected:
+        raise ValueError(f"it holds {size:,} bytes where its header announces {expected:,}")
+    return shape
+
+
+def check_mnist_files(data_dir):
+    """Raise ValueError naming a damaged raw MNIST file in ``data_dir`` and how to fetch it again.
+
+    torchvision downloads the four raw files only when one is missing, and reads them without
+    checking them: a file cut short by an interrupted download or a full disk would otherwise
+    fail deep inside torchvision at every later run.
+    """
+    raw_folder = Path(data_dir) / "MNIST" / "raw"
+    paths = [raw_folder / name for name in MNIST_RAW_FILES]
+    if not all(path.is_file() for path in paths):
+        return  # torchvision downloads them all afresh
+    for path in paths:
+        try:
+            idx_shape(path)
+        except ValueError as error:
+            raise ValueError(
+                f"{path} is damaged ({error}), probably by an interrupted download. Delete the "
+                f"folder {raw_folder} and load the data again: torchvision downloads MNIST afresh."
+            ) from None
+
+
 def load_mnist(data_dir, train=True):
     """MNIST as tensors in [0, 1], downloaded into ``data_dir`` by torchvision when missing.
 
-    Raises FileNotFoundError, saying where to put the files by hand, when the
-    download fails (no internet, blocked mirror).
+    Raises ValueError naming a damaged file (see ``check_mnist_files``), and FileNotFoundError,
+    saying where to put the files by hand, when the download fails (no internet, blocked mirror).
     """
+    check_mnist_files(data_dir)
     try:
         return torchvision.datasets.MNIST(data_dir, train=train, download=True, transform=ToTensor())
     except (RuntimeError, OSError) as error:
+        check_mnist_files(data_dir)  # a download cut short
         raw_folder = Path(data_dir) / "MNIST" / "raw"
         raise FileNotFoundError(
             f"Could not download MNIST into {data_dir} ({error}). Download the four files "

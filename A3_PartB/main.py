@@ -8,8 +8,9 @@ From the A3_PartB folder, each part in a results folder of its own (as the noteb
     python main.py --demo          # synthetic images, no download, a few minutes on a CPU
 
 The defaults are the starter's. Every flag is checked before any work starts: a bad one prints
-one line on stderr that names it, and the exit status is 2. Ctrl-C saves a checkpoint, says how
-to resume, and exits with status 130.
+one line on stderr that names it, and the exit status is 2; so does a file that cannot be
+written (a full disk, no permission), and the checkpoint already saved is intact. Ctrl-C saves a
+checkpoint, says how to resume, and exits with status 130.
 """
 import argparse
 import sys
@@ -18,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from trainer import (PRECISIONS, autocast_dtype, build_feature_extractor, default_device,
-                     read_checkpoint)
+from trainer import (CHECKPOINT_MINUTES, PRECISIONS, SaveError, autocast_dtype,
+                     build_feature_extractor, default_device, read_checkpoint)
 from utils import DEMO_STEPS, run_demo, train_diffusion, visualize_diffusion
 
 GROUPS = 8  # the U-Net's GroupNorm groups (resnet_block_groups), which must divide its widths
@@ -59,6 +60,9 @@ def build_parser():
                         help="auto: mixed precision where the device runs it natively (bf16 on "
                              "recent GPUs and CPUs with native bf16, fp16 on older GPUs such as "
                              "the T4), else fp32; fp16 needs a CUDA GPU")
+    parser.add_argument("--checkpoint_minutes", type=float, default=CHECKPOINT_MINUTES,
+                        help="minutes of training between checkpoints besides the milestones, "
+                             "so a kill loses at most that much")
     parser.add_argument("--visualize", action="store_true",
                         help="draw the forward and backward processes of a trained model")
     parser.add_argument("--demo", action="store_true",
@@ -73,8 +77,9 @@ def check_numbers(settings):
     for flag in COUNTS:
         if settings[flag] < 1:
             raise ValueError(f"--{flag} must be at least 1, got {settings[flag]}.")
-    if settings["learning_rate"] <= 0:
-        raise ValueError(f"--learning_rate must be positive, got {settings['learning_rate']}.")
+    for flag in ("learning_rate", "checkpoint_minutes"):
+        if not settings[flag] > 0:
+            raise ValueError(f"--{flag} must be positive, got {settings[flag]}.")
     if settings["dataloader_workers"] < 0:
         raise ValueError(f"--dataloader_workers must be 0 or more, got "
                          f"{settings['dataloader_workers']}.")
@@ -163,13 +168,14 @@ def main(argv=None):
         settings = demo_settings(settings, vars(parser.parse_args([])))
     try:
         check_flags(settings, visualize)
+        checkpoint_minutes = settings.pop("checkpoint_minutes")  # training only
         if demo:
-            run_demo(**settings)
+            run_demo(**settings, checkpoint_minutes=checkpoint_minutes)
         elif visualize:
             visualize_diffusion(**settings)
         else:
-            train_diffusion(**settings)
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+            train_diffusion(**settings, checkpoint_minutes=checkpoint_minutes)
+    except (ValueError, FileNotFoundError, FloatingPointError, SaveError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

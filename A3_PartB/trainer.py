@@ -16,7 +16,9 @@ Outputs in ``results_folder``: ``model.pt`` (checkpoint), ``sample_{milestone}.p
 ``backward_diffusion.png`` (``visualize_diffusion``). Decoded images and FID reference
 statistics go to ``cache_folder`` (default ``~/.cache/a3_ddpm``), shared by all results folders.
 """
+import contextlib
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -25,7 +27,9 @@ import multiprocessing
 import netrc
 import os
 import shutil
+import sys
 import tempfile
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,26 +45,64 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")  # PIL's modes of 16-bit gray images
 CROP_MARGIN = 1.12  # the starter resizes to 1.12 x image_size, then crops image_size at random
 WANDB_PROJECT = "DDPM_AFHQ"
 VISUALIZED_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.99)
 IMAGES_PER_PANEL = 16
 METRIC_FIELDS = ("step", "loss", "fid")
 AFHQ_DRIVE_ID = "1-1npXlqCw1CYQ5SBbrlSgZdA9TEwZre4"
+CHECKPOINT_MINUTES = 5  # model.pt is also written this often, so a kill loses minutes at most
+
+
+WRITE_ADVICE = {  # errno -> what to do when a file cannot be written
+    errno.ENOSPC: "Free some space on that disk, or write to a folder on another disk",
+    errno.EDQUOT: "Free some of your disk quota, or write to a folder on another disk",
+    errno.EROFS: "That disk is read-only: write to a folder on another disk",
+}
+OTHER_WRITE_ADVICE = "Write to a folder you can write to, or make this one writable"
+
+
+class SaveError(OSError):
+    """A file could not be written (a full disk, no permission): the message names the file,
+    the reason and what to do, then ``next_step`` (how to resume, say). ``path``, the
+    ``os_error`` and its ``reason`` are kept for callers that go on or add to the message."""
+
+    def __init__(self, path, error, next_step=""):
+        self.path = path
+        self.os_error = error
+        self.reason = error.strerror or str(error)
+        advice = WRITE_ADVICE.get(error.errno, OTHER_WRITE_ADVICE)
+        super().__init__(f"Cannot write {path}: {self.reason}. {advice}; files already saved "
+                         f"there are intact. {next_step}".rstrip())
+        self.errno = error.errno
+
+
+@contextlib.contextmanager
+def reported_write_errors(path):
+    """Turn an OSError raised while writing ``path`` into a SaveError that explains it."""
+    try:
+        yield
+    except SaveError:
+        raise
+    except OSError as error:
+        raise SaveError(path, error) from None
 
 
 def atomic_write(path, write):
     """Call ``write(binary_file)`` on a temporary file beside ``path``, then rename it to ``path``.
 
-    A crash or Ctrl-C mid-write leaves the previous file intact instead of a truncated one.
+    A crash or Ctrl-C mid-write leaves the previous file intact instead of a truncated one, and
+    a full disk or a folder without write permission raises SaveError, leaving no temporary file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(temporary, "wb") as file:
-            write(file)
-        os.replace(temporary, path)
+        with reported_write_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(temporary, "wb") as file:
+                write(file)
+            os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -153,29 +195,45 @@ def image_set_key(files, image_size):
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def to_rgb(image):
+    """The image in RGB. 16-bit gray levels are scaled to 8 bits first (PIL's own conversion
+    clips them at 255, nearly all white); a palette or other image with a transparent colour
+    goes through RGBA, as PIL asks; CMYK, grayscale and RGBA convert directly (alpha dropped)."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        levels = np.asarray(image, dtype=np.float64) / 257  # 65535 -> 255
+        image = Image.fromarray(levels.round().clip(0, 255).astype(np.uint8))
+    elif "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
 def decode_image(path, sizes):
-    """Decode one image as RGB (grayscale and RGBA are converted) resized to each square size."""
+    """Decode one image as RGB (see ``to_rgb``) resized to each square size."""
     with Image.open(path) as image:
-        rgb = image.convert("RGB")
+        rgb = to_rgb(image)
     return [np.asarray(rgb.resize((size, size), Image.Resampling.BICUBIC)) for size in sizes]
 
 
 def _decode_or_error(path, sizes):
     try:
         return decode_image(path, sizes)
-    except (OSError, SyntaxError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - PIL's decoders raise many kinds on hostile files
         return error
 
 
 def decode_images(files, image_size, workers):
     """Decode every file once, on ``workers`` threads (PIL releases the GIL while decoding).
 
-    Unreadable files are skipped with a warning naming them; returns ``(train, reference)``.
+    Files PIL cannot or will not decode (truncated, not images, decompression bombs) are
+    skipped with a warning naming them; returns ``(train, reference)``.
     """
     sizes = (int(image_size * CROP_MARGIN), image_size)
     decoded = []
-    with ThreadPoolExecutor(max_workers=workers) as pool, \
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=workers) as pool, \
             tqdm(total=len(files), desc="decoding images") as progress:
+        # PIL only warns of an image above Image.MAX_IMAGE_PIXELS (a possible decompression
+        # bomb), without its name: as an error, it skips the image with the warning below
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
         for path, result in zip(files, pool.map(_decode_or_error, files, [sizes] * len(files))):
             progress.update()
             if isinstance(result, Exception):
@@ -183,28 +241,79 @@ def decode_images(files, image_size, workers):
             else:
                 decoded.append(result)
     if not decoded:
-        raise ValueError(f"None of the {len(files)} images in {files[0].parent} could be read.")
+        raise ValueError(f"None of the {len(files)} images in {files[0].parent} could be read "
+                         "(the warnings above say why): replace them with readable JPEG or PNG "
+                         "images, or download AFHQ again.")
     if len(decoded) < len(files):
         print(f"Skipped {len(files) - len(decoded)} unreadable image(s) of {len(files)}.")
     return [torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
             for images in zip(*decoded)]
 
 
+def read_cache(cache_file, read):
+    """``read(cache_file)``, or None when there is no such file or it cannot be used.
+
+    A cache cut short (by a full disk or a killed copy) or holding something else is said in one
+    line and left for the caller to rebuild: it never stops a run, nor needs deleting by hand.
+    ``read`` raises ValueError, saying why, for a readable file of the wrong content.
+    """
+    try:
+        if not cache_file.is_file():  # which raises for a folder the user may not enter
+            return None
+        return read(cache_file)
+    except ValueError as error:
+        reason = str(error)
+    except Exception as error:  # noqa: BLE001 - loading a damaged file fails in many ways
+        reason = f"it cannot be read: {type(error).__name__}"
+    print(f"Cache file {cache_file} is not usable ({reason}): rebuilding it.")
+    return None
+
+
+def write_cache(cache_file, write):
+    """``atomic_write`` a cache file; one that cannot be written is said in one line, and the
+    run goes on without it (the next run computes it again)."""
+    try:
+        atomic_write(cache_file, write)
+    except SaveError as error:
+        print(f"Cannot write the cache file {cache_file} ({error.reason}), so this run goes on "
+              "without it. To keep the cache between runs, set XDG_CACHE_HOME (or pass "
+              "cache_folder) to a folder you can write to.")
+
+
+def read_image_cache(cache_file, image_size):
+    """The ``{"train", "reference"}`` uint8 tensors saved by ``load_image_set`` for this size;
+    ValueError if the file holds anything else."""
+    cached = torch.load(cache_file, weights_only=True)
+    sides = {"train": int(image_size * CROP_MARGIN), "reference": image_size}
+    if not isinstance(cached, dict) or cached.keys() != sides.keys():
+        raise ValueError("it does not hold the keys 'train' and 'reference'")
+    for name, side in sides.items():
+        images = cached[name]
+        if (not isinstance(images, torch.Tensor) or images.dtype != torch.uint8
+                or images.shape[1:] != (3, side, side) or len(images) == 0):
+            raise ValueError(f"its {name!r} images are not uint8 of shape (N, 3, {side}, {side})")
+    if len(cached["train"]) != len(cached["reference"]):
+        raise ValueError("it holds different numbers of 'train' and 'reference' images")
+    return cached
+
+
 def load_image_set(folder, data_class, image_size, cache_folder, workers=1):
     """Decode the class's images once and cache them in ``cache_folder``; later calls reuse them.
 
     The cache file name holds a hash of the resolved file list with sizes and modification times,
-    so adding, removing or changing an image (or another class or size) decodes afresh.
+    so adding, removing or changing an image (or another class or size) decodes afresh. A damaged
+    cache file is decoded afresh too, and a cache folder that cannot be written only costs the
+    decoding at the next run.
     """
     files = list_image_files(find_class_root(folder), data_class)
     key = image_set_key(files, image_size)
     cache_file = Path(cache_folder) / f"images_{data_class or 'all'}_{image_size}px_{key}.pt"
-    if cache_file.is_file():
-        cached = torch.load(cache_file, weights_only=True)
+    cached = read_cache(cache_file, lambda path: read_image_cache(path, image_size))
+    if cached is not None:
         return ImageSet(cached["train"], cached["reference"], key)
     train, reference = decode_images(files, image_size, workers)
     images = {"train": train, "reference": reference}
-    atomic_write(cache_file, lambda file: torch.save(images, file))
+    write_cache(cache_file, lambda file: torch.save(images, file))
     return ImageSet(train, reference, key)
 
 
@@ -308,9 +417,10 @@ class FidScorer:
     def _statistics(self, images, folder):
         """Mean and covariance of the features of uint8 images, saved as PNGs in ``folder``."""
         shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        for index, image in enumerate(images):
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{index:05d}.png")
+        with reported_write_errors(folder):
+            folder.mkdir(parents=True)
+            for index, image in enumerate(images):
+                Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{index:05d}.png")
         features = clean_fid.get_folder_features(
             str(folder), self._extractor(), num_workers=self.workers, device=self.device,
             mode="clean", verbose=False)
@@ -318,23 +428,43 @@ class FidScorer:
 
     def reference_statistics(self):
         """(mu, sigma, sqrt of sigma) of the reference images: from memory, else from the cache
-        file, else computed and cached."""
-        if self.reference is None and self.cache_file.is_file():
-            with np.load(self.cache_file) as cached:
-                self.reference = cached["mu"], cached["sigma"], psd_sqrt(cached["sigma"])
+        file, else computed and cached (a damaged cache file is computed afresh)."""
         if self.reference is None:
-            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=self.cache_file.parent) as folder:
-                mu, sigma = self._statistics(self.reference_images, Path(folder) / "reference")
-            atomic_write(self.cache_file, lambda file: np.savez(file, mu=mu, sigma=sigma))
+            statistics = read_cache(self.cache_file, read_fid_statistics)
+            if statistics is None:
+                statistics = self._computed_reference_statistics()
+            mu, sigma = statistics
             self.reference = mu, sigma, psd_sqrt(sigma)
         return self.reference
+
+    def _computed_reference_statistics(self):
+        """(mu, sigma) of the reference images' features, written to the cache file. Their PNGs
+        go to the system's temporary folder, as the cache folder may not be writable."""
+        with tempfile.TemporaryDirectory() as folder:
+            mu, sigma = self._statistics(self.reference_images, Path(folder) / "reference")
+        write_cache(self.cache_file, lambda file: np.savez(file, mu=mu, sigma=sigma))
+        return mu, sigma
 
     def score(self, images):
         """FID of uint8 images (N, 3, S, S) against the reference statistics."""
         reference = self.reference_statistics()
         mu, sigma = self._statistics(images.cpu(), self.samples_folder)
         return frechet_distance(mu, sigma, *reference)
+
+
+def read_fid_statistics(cache_file):
+    """(mu, sigma) saved by ``FidScorer``: a mean (D,) and a covariance (D, D) of finite floats;
+    ValueError if the file holds anything else."""
+    with np.load(cache_file) as cached:
+        if sorted(cached.files) != ["mu", "sigma"]:
+            raise ValueError("it does not hold the arrays 'mu' and 'sigma'")
+        mu, sigma = cached["mu"], cached["sigma"]
+    if (mu.ndim != 1 or sigma.shape != (len(mu), len(mu))
+            or not all(np.issubdtype(array.dtype, np.floating) for array in (mu, sigma))
+            or not (np.isfinite(mu).all() and np.isfinite(sigma).all())):
+        raise ValueError("its 'mu' and 'sigma' are not a mean (D,) and a covariance (D, D) "
+                         "of finite floats")
+    return mu, sigma
 
 
 def psd_sqrt(matrix):
@@ -661,6 +791,9 @@ class Trainer:
     ``precision`` ("auto", "fp32", "bf16" or "fp16", see ``autocast_dtype``); ``cuda_graph``
     (see ``CudaGraphed``; GPU only); ``cache_folder`` for decoded images and FID statistics.
     ``dataloader_workers`` caps the decoding threads and clean-fid's workers at the CPU count.
+    ``checkpoint_minutes``: ``model.pt`` is also written after any step that ends that many
+    minutes of wall-clock time after the last checkpoint, so a kill (a Colab disconnect) loses
+    at most that much training; the milestones' outputs are the same.
     """
 
     def __init__(self, diffusion_model, folder, *, dataloader_workers=16, image_size=32,
@@ -669,12 +802,15 @@ class Trainer:
                  results_folder="./results", load_path=None, dataset=None, shuffle=True,
                  data_class=None, device=None, fid=False, image_set=None,
                  fid_feature_extractor=None, num_fid_samples=512, num_samples=25, log_every=10,
-                 cuda_graph=True, cache_folder=None, precision="auto"):
+                 cuda_graph=True, cache_folder=None, precision="auto",
+                 checkpoint_minutes=CHECKPOINT_MINUTES):
         require_positive(train_batch_size=train_batch_size,
                          save_and_sample_every=save_and_sample_every,
                          gradient_accumulate_every=gradient_accumulate_every,
                          log_every=log_every, num_samples=num_samples,
                          num_fid_samples=num_fid_samples)
+        if not checkpoint_minutes > 0:
+            raise ValueError(f"checkpoint_minutes must be positive, got {checkpoint_minutes}.")
         if image_size != diffusion_model.image_size:
             raise ValueError(f"image_size={image_size} but the model makes "
                              f"{diffusion_model.image_size}px images; pass the same size to both.")
@@ -694,8 +830,11 @@ class Trainer:
         self.num_samples = num_samples
         self.num_fid_samples = num_fid_samples
         self.results_folder = Path(results_folder)
-        self.results_folder.mkdir(parents=True, exist_ok=True)
+        with reported_write_errors(self.results_folder):
+            self.results_folder.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = self.results_folder / "model.pt"
+        self.checkpoint_seconds = 60 * checkpoint_minutes
+        self.last_checkpoint_time = time.monotonic()
         self.config = {**self.settings, "data_class": data_class, "batch_size": train_batch_size,
                        "learning_rate": train_lr, "train_num_steps": train_num_steps, "fid": fid}
         self._prepare_optimization(train_lr, cuda_graph, precision)
@@ -750,6 +889,15 @@ class Trainer:
                       "settings": self.settings, "history": self.history}
         name = "model.pt" if itrs is None else f"model_{itrs}.pt"
         atomic_write(self.results_folder / name, lambda file: torch.save(checkpoint, file))
+        self.last_checkpoint_time = time.monotonic()
+
+    def _checkpoint_due(self):
+        """Whether ``checkpoint_minutes`` have passed since the last checkpoint."""
+        return time.monotonic() - self.last_checkpoint_time >= self.checkpoint_seconds
+
+    def _resume_hint(self):
+        return (f"Resume with load_path={str(self.checkpoint_path)!r} "
+                f"(main.py: --load_path {self.checkpoint_path}).")
 
     def load(self, load_path):
         """Resume from a checkpoint of ``save`` (weights, optimizer, scaler, step and history)
@@ -817,7 +965,8 @@ class Trainer:
         """Train from ``self.step`` up to ``train_num_steps``.
 
         Ctrl-C saves a checkpoint (the weights of the last finished step), says how to resume,
-        and raises KeyboardInterrupt again, so a notebook's "Run all" stops there.
+        and raises KeyboardInterrupt again, so a notebook's "Run all" stops there. A file that
+        cannot be written raises SaveError, saying how to resume from the last checkpoint.
         """
         if self.step >= self.train_num_steps:
             print(f"Nothing to train: the model is at step {self.step} and train_num_steps is "
@@ -829,25 +978,33 @@ class Trainer:
         logger = WandbLogger(self.config, self.results_folder)
         progress = tqdm(initial=self.step, total=self.train_num_steps, desc="training")
         unread_losses = []
+        self.last_checkpoint_time = time.monotonic()
         try:
             while self.step < self.train_num_steps:
                 unread_losses.append(self._train_step())
                 self.step += 1
                 progress.update(1)
-                if self._at_milestone() or len(unread_losses) == self.log_every:
+                checkpoint_due = self._checkpoint_due()
+                if self._at_milestone() or len(unread_losses) == self.log_every or checkpoint_due:
                     losses, unread_losses = unread_losses, []
                     self._log(losses, logger, progress)
+                if self._checkpoint_due():  # not at a milestone, which has just saved
+                    self.save()
         except KeyboardInterrupt:
             self._record_losses(unread_losses, logger)
             self.save()
             print(f"\nInterrupted at step {self.step}; checkpoint saved to {self.checkpoint_path}. "
-                  f"Resume with load_path={str(self.checkpoint_path)!r} "
-                  f"(main.py: --load_path {self.checkpoint_path}).")
+                  f"{self._resume_hint()}")
             raise
+        except SaveError as error:
+            if not self.checkpoint_path.is_file():
+                raise
+            raise SaveError(error.path, error.os_error, self._resume_hint()) from None
         finally:
             progress.close()
-            self._write_metrics()
             logger.finish()
+            if not isinstance(sys.exc_info()[1], SaveError):  # the same disk would hide that error
+                self._write_metrics()
 
     def _record_losses(self, losses, logger):
         """Read the device losses of the last steps, add one history row per step and log every
@@ -894,8 +1051,9 @@ class Trainer:
             samples = self.model.sample(count).float()
         self.model.train()  # the skeleton's sample() leaves the model in eval mode
         grid_path = self.sample_grid_path(self.step)
-        save_image(samples[:self.num_samples], grid_path,
-                   nrow=math.ceil(math.sqrt(self.num_samples)))
+        atomic_write(grid_path, lambda file: save_image(
+            samples[:self.num_samples], file, nrow=math.ceil(math.sqrt(self.num_samples)),
+            format="png"))
         fid = None
         if self.fid_scorer:
             fid = self.fid_scorer.score((samples * 255).round().to(torch.uint8))

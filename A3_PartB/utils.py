@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from diffusion import Diffusion as DefaultDiffusion
-from trainer import Trainer
+from trainer import CHECKPOINT_MINUTES, Trainer
 from unet import Unet
 
 SEED = 2024  # the starter's
@@ -55,14 +55,16 @@ def setup_diffusion(train_steps, save_and_sample_every, fid, save_folder, data_p
 def train_diffusion(train_steps, save_and_sample_every, fid, save_folder, data_path,
                     load_path=None, unet_dim_mults=[1, 2, 4, 8], image_size=32, batch_size=32,
                     data_class="cat", time_steps=50, unet_dim=16, learning_rate=1e-3,
-                    dataloader_workers=16, Diffusion=None, precision="auto"):
+                    dataloader_workers=16, Diffusion=None, precision="auto",
+                    checkpoint_minutes=CHECKPOINT_MINUTES):
     """Parts 1, 2 and 5: train (resuming from ``load_path`` if given); returns the Trainer.
 
     ``precision`` (beyond the starter's arguments): "auto" (mixed precision where the device
     runs it natively), "fp32", "bf16" or "fp16" (CUDA only); see ``trainer.autocast_dtype``.
 
     ``trainer.history`` holds the logged rows (step, loss, fid); the checkpoint, sample grids,
-    loss.png, fid.png and metrics.csv are in ``save_folder``.
+    loss.png, fid.png and metrics.csv are in ``save_folder``. Besides the milestones, model.pt
+    is written every ``checkpoint_minutes`` of training, so a disconnect loses minutes at most.
     """
     _, _, trainer = setup_diffusion(**locals())  # every argument, passed on by name
     trainer.train()
@@ -120,7 +122,8 @@ def write_synthetic_afhq(root, classes=("cat", "dog", "wild"), per_class=100, si
 
 
 def run_demo(save_folder="./results", train_steps=DEMO_STEPS["train_steps"],
-             save_and_sample_every=DEMO_STEPS["save_and_sample_every"], fid=False, **settings):
+             save_and_sample_every=DEMO_STEPS["save_and_sample_every"], fid=False,
+             checkpoint_minutes=CHECKPOINT_MINUTES, **settings):
     """Train on 300 synthetic 64x64 "cats" and draw both process figures; needs no download.
 
     With the handout's model, the demo's steps take a few minutes on a CPU. ``settings`` are
@@ -131,5 +134,5 @@ def run_demo(save_folder="./results", train_steps=DEMO_STEPS["train_steps"],
                                      per_class=300, size=64)
     settings = {**settings, "save_folder": save_folder, "data_path": data_path, "fid": fid,
                 "train_steps": train_steps, "save_and_sample_every": save_and_sample_every}
-    train_diffusion(**settings)
+    train_diffusion(**settings, checkpoint_minutes=checkpoint_minutes)
     return visualize_diffusion(**{**settings, "load_path": None})  # the model just trained

@@ -75,6 +75,22 @@ def test_load_mnist_says_where_to_put_the_files_when_the_download_fails(tmp_path
     assert str(tmp_path / "MNIST_data" / "MNIST" / "raw") in str(error.value)
 
 
+@pytest.mark.parametrize("name, cut", [
+    ("train-images-idx3-ubyte", lambda data: data[:len(data) // 2]),  # in the pixels
+    ("train-labels-idx1-ubyte", lambda data: data[:6]),  # in the header
+    ("t10k-images-idx3-ubyte", lambda data: b""),  # empty
+], ids=["pixels", "header", "empty"])
+def test_load_mnist_names_a_damaged_raw_file_and_how_to_fetch_it_again(mnist_root, offline,
+                                                                       name, cut):
+    damaged = mnist_root / "MNIST" / "raw" / name
+    damaged.write_bytes(cut(damaged.read_bytes()))
+    with pytest.raises(ValueError) as error:
+        load_mnist(mnist_root)
+    assert str(error.value).startswith(f"{damaged} is damaged")
+    assert f"Delete the folder {mnist_root / 'MNIST' / 'raw'} and load the data again" in str(
+        error.value)
+
+
 def test_pick_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -130,7 +130,8 @@ def test_flag_defaults_are_the_starters():
         train_steps=10000, save_and_sample_every=1000, fid=False, save_folder="./results",
         data_path="./data/train/", load_path=None, unet_dim_mults=[1, 2, 4, 8], image_size=32,
         batch_size=32, data_class="cat", time_steps=50, unet_dim=16, learning_rate=1e-3,
-        dataloader_workers=16, precision="auto", visualize=False, demo=False)
+        dataloader_workers=16, precision="auto", checkpoint_minutes=5, visualize=False,
+        demo=False)
 
 
 def test_main_passes_settings_to_train_diffusion_by_keyword(tmp_path, monkeypatch):
@@ -243,6 +244,7 @@ def run_main_expecting_an_error(arguments, capsys):
     (["--batch_size", "0"], "--batch_size must be at least 1"),
     (["--time_steps", "0"], "--time_steps must be at least 1"),
     (["--learning_rate", "0"], "--learning_rate must be positive"),
+    (["--checkpoint_minutes", "0"], "--checkpoint_minutes must be positive"),
     (["--dataloader_workers", "-1"], "--dataloader_workers must be 0 or more"),
     (["--unet_dim", "12"], "--unet_dim must be a multiple of 8"),
     (["--unet_dim_mults", "1", "0"], "--unet_dim_mults must all be at least 1"),
