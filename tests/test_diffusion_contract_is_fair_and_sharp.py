@@ -10,15 +10,12 @@ The contract runs once per file, in one subprocess (torch is imported once), wit
 $A3_DIFFUSION naming the file, exactly as a student runs it.
 """
 
-import subprocess
-import sys
-import xml.etree.ElementTree as ElementTree
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 import torch
 
+from contract_verdicts import Mutant, verdicts
 from diffusion import Diffusion
 from test_diffusion_contract import load_diffusion_file, replace_noise, seeded_draws
 from unet import Unet
@@ -27,22 +24,6 @@ TESTS = Path(__file__).resolve().parent
 CONTRACT = TESTS / "test_diffusion_contract.py"
 SKELETON_STYLE = TESTS / "skeleton_style_diffusion" / "diffusion.py"
 CORRECT = {"ours": TESTS.parent / "A3_PartB" / "diffusion.py", "skeleton_style": SKELETON_STYLE}
-
-RUN_CONTRACT = """
-import os, sys, pytest
-contract, *pairs = sys.argv[1:]
-for path, report in zip(pairs[::2], pairs[1::2]):
-    os.environ["A3_DIFFUSION"] = path
-    pytest.main([contract, "-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception",
-                 "--junitxml=" + report])
-"""  # unraisableexception runs gc.collect five times a run, slow with torch loaded
-
-
-class Mutant(NamedTuple):
-    name: str
-    edits: tuple  # (text of the correct file, its replacement) pairs
-    caught_by: set  # the contract tests that must fail, without parameters
-
 
 POSTERIOR_MEAN = "test_p_sample_mean_is_the_posterior_mean_of_eq_7_at_every_t"
 SIGMA = "test_p_sample_adds_sigma_t_times_the_noise_at_every_t_above_0"
@@ -112,54 +93,32 @@ MUTANTS = [
 ]
 
 
-def write_mutant(folder, mutant):
-    """The skeleton-style file with the mutant's edits, each of which must apply exactly once."""
-    source = SKELETON_STYLE.read_text()
-    for old, new in mutant.edits:
-        assert source.count(old) == 1, f"{mutant.name}: {old!r} is not in {SKELETON_STYLE} once"
-        source = source.replace(old, new)
-    folder.mkdir()
-    (folder / "diffusion.py").write_text(source)
-    return folder / "diffusion.py"
-
-
-def failures(report):
-    """{test name without parameters: failure message} of a junit report."""
-    failed = {}
-    for case in ElementTree.parse(report).iter("testcase"):
-        for problem in [*case.iter("failure"), *case.iter("error")]:
-            failed[case.get("name").split("[")[0]] = problem.get("message", "")
-    return failed
+def without_parameters(failed):
+    """{test name without its parameters: a failure message}: the mutants name tests, not cases."""
+    return {name.split("[")[0]: message for name, message in failed.items()}
 
 
 @pytest.fixture(scope="module")
-def verdicts(tmp_path_factory):
+def verdicts_by_file(tmp_path_factory):
     """{implementation name: the contract's failures on it}, from one run over every file."""
     folder = tmp_path_factory.mktemp("implementations")
-    files = dict(CORRECT, **{mutant.name: write_mutant(folder / mutant.name, mutant) for mutant in MUTANTS})
-    arguments = [str(CONTRACT)]
-    for name, path in files.items():
-        arguments += [str(path), str(folder / f"{name}.xml")]
-    run = subprocess.run([sys.executable, "-c", RUN_CONTRACT, *arguments], cwd=TESTS.parent,
-                         capture_output=True, text=True, timeout=600)
-    missing = [name for name in files if not (folder / f"{name}.xml").is_file()]
-    assert not missing, f"no report for {missing}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
-    return {name: failures(folder / f"{name}.xml") for name in files}
+    return {name: without_parameters(failed) for name, failed
+            in verdicts(CONTRACT, "A3_DIFFUSION", CORRECT, SKELETON_STYLE, MUTANTS, folder).items()}
 
 
 @pytest.mark.parametrize("name", CORRECT)
-def test_contract_passes_on_a_correct_diffusion(verdicts, name):
-    assert verdicts[name] == {}
+def test_contract_passes_on_a_correct_diffusion(verdicts_by_file, name):
+    assert verdicts_by_file[name] == {}
 
 
 @pytest.mark.parametrize("mutant", MUTANTS, ids=lambda mutant: mutant.name)
-def test_contract_fails_a_mistake_in_the_tests_that_check_it(verdicts, mutant):
-    assert set(verdicts[mutant.name]) == mutant.caught_by
+def test_contract_fails_a_mistake_in_the_tests_that_check_it(verdicts_by_file, mutant):
+    assert set(verdicts_by_file[mutant.name]) == mutant.caught_by
 
 
-def test_failure_names_the_equation_the_steps_off_and_the_worst_error(verdicts):
+def test_failure_names_the_equation_the_steps_off_and_the_worst_error(verdicts_by_file):
     """eq. (7)'s printed typo is harmless only at t = 0, where abar_t = alpha_t."""
-    message = verdicts["eq7_printed_typo_sqrt_abar_on_x_t"][POSTERIOR_MEAN]
+    message = verdicts_by_file["eq7_printed_typo_sqrt_abar_on_x_t"][POSTERIOR_MEAN]
     assert "eq. (7) posterior mean is off at 49 of 50, t=1 .. t=49. Worst at t=" in message
     assert "relative error" in message and "(tolerance 0.0001 relative" in message
 
