@@ -94,6 +94,7 @@ class Kind:
         return self.name
 
     def build(self, under_test, latent_size=LATENT, seed=0):
+        """The model with the notebook's keywords, its weights fixed by ``seed``."""
         torch.manual_seed(seed)
         if self.conditional:
             return under_test.CVAE(input_size=INPUT_SIZE, num_classes=CLASSES, latent_size=latent_size)
@@ -131,10 +132,10 @@ def classes(batch, seed):
     return F.one_hot(labels, CLASSES).float()
 
 
-def latent_statistics(batch, seed, latent=LATENT):
-    """mu and logvar of both signs, fixed by ``seed``."""
+def latent_statistics(batch, seed):
+    """mu and logvar (batch, Z) of both signs, fixed by ``seed``."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, latent, generator=generator), torch.randn(batch, latent, generator=generator)
+    return torch.randn(batch, LATENT, generator=generator), torch.randn(batch, LATENT, generator=generator)
 
 
 def per_image(tensor):
