@@ -4,21 +4,22 @@ Fair: it passes on this package's diffusion.py and on a second correct one writt
 independently in the skeleton's style (tests/skeleton_style_diffusion/diffusion.py: plain
 tensor attributes, ``noise`` required, float32 math).
 Sharp: each mutant below is that second file with one known mistake, and the contract fails it
-in exactly the tests that check the step it gets wrong.
+in exactly the tests that check the step it gets wrong; the messages name the cause (a draw
+outside noise_like, a schedule that is not one tensor, a CPU tensor with the line that made it).
+One more edit is no mistake (reading t back with ``.item()``) and must pass: the meta device,
+on which the contract checks devices, holds no values, and a GPU does.
 
 The contract runs once per file, in one subprocess (torch is imported once), with
 $A3_DIFFUSION naming the file, exactly as a student runs it.
 """
 
-import subprocess
-import sys
-import xml.etree.ElementTree as ElementTree
+import re
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 import torch
 
+from contract_verdicts import Mutant, verdicts
 from diffusion import Diffusion
 from test_diffusion_contract import load_diffusion_file, replace_noise, seeded_draws
 from unet import Unet
@@ -28,28 +29,14 @@ CONTRACT = TESTS / "test_diffusion_contract.py"
 SKELETON_STYLE = TESTS / "skeleton_style_diffusion" / "diffusion.py"
 CORRECT = {"ours": TESTS.parent / "A3_PartB" / "diffusion.py", "skeleton_style": SKELETON_STYLE}
 
-RUN_CONTRACT = """
-import os, sys, pytest
-contract, *pairs = sys.argv[1:]
-for path, report in zip(pairs[::2], pairs[1::2]):
-    os.environ["A3_DIFFUSION"] = path
-    pytest.main([contract, "-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception",
-                 "--junitxml=" + report])
-"""  # unraisableexception runs gc.collect five times a run, slow with torch loaded
-
-
-class Mutant(NamedTuple):
-    name: str
-    edits: tuple  # (text of the correct file, its replacement) pairs
-    caught_by: set  # the contract tests that must fail, without parameters
-
-
 POSTERIOR_MEAN = "test_p_sample_mean_is_the_posterior_mean_of_eq_7_at_every_t"
 SIGMA = "test_p_sample_adds_sigma_t_times_the_noise_at_every_t_above_0"
 LOOP = "test_p_sample_loop_follows_algorithm_2_and_returns_x0_in_zero_to_one"
 SAMPLE = "test_sample_runs_algorithm_2_from_x_T_drawn_by_noise_like"
 SAMPLE_RANGE = "test_sample_returns_batch_size_images_of_its_channels_and_size_in_zero_to_one"
-THROUGH_NOISE_LIKE = "test_sample_draws_every_random_number_through_noise_like"
+THROUGH_NOISE_LIKE = "test_every_random_draw_goes_through_noise_like"
+ON_ANOTHER_DEVICE = "test_runs_on_the_trainers_device_without_mixing_in_cpu_tensors"
+SCHEDULE = ("test_cosine_schedule_is_eq_3", "test_cosine_schedule_clips_alphas_to_between_0_001_and_1")
 ABAR = "test_abar_is_the_running_product_of_the_clipped_alphas"
 Q_SAMPLE_MEAN = "test_q_sample_mean_is_sqrt_abar_t_times_x0"
 L1 = ("test_p_losses_is_the_mean_l1_distance_between_noise_and_prediction",
@@ -74,8 +61,7 @@ MUTANTS = [
            {"test_p_sample_clamps_the_predicted_x0_to_minus_one_to_one", LOOP, SAMPLE, SAMPLE_RANGE}),
     Mutant("unclipped_alphas",
            ((".clamp(min=0.001, max=1.0)", ""),),
-           {"test_cosine_schedule_is_eq_3", "test_cosine_schedule_clips_alphas_to_between_0_001_and_1",
-            Q_SAMPLE_MEAN, POSTERIOR_MEAN, SIGMA, LOOP, SAMPLE}),
+           {*SCHEDULE, Q_SAMPLE_MEAN, POSTERIOR_MEAN, SIGMA, LOOP, SAMPLE}),
     Mutant("abar_from_f_t_over_f_0",
            (("torch.cumprod(self.alphas, 0)",
              "torch.cos((torch.arange(1, timesteps + 1) / timesteps + 0.008) / 1.008 * math.pi / 2) ** 2"
@@ -109,57 +95,54 @@ MUTANTS = [
     Mutant("p_losses_without_gradient",
            (("    def p_losses(", "    @torch.no_grad()\n    def p_losses("),),
            {"test_p_losses_is_differentiable_in_the_network_parameters"}),
+    Mutant("q_sample_default_noise_drawn_outside_noise_like",
+           (("def q_sample(self, x_0, t, noise):",
+             "def q_sample(self, x_0, t, noise=None):\n        if noise is None:\n            noise = torch.randn_like(x_0)"),),
+           {THROUGH_NOISE_LIKE}),
+    Mutant("cosine_schedule_returns_alphas_and_abar",
+           (("return (abar[1:] / abar[:-1]).clamp(min=0.001, max=1.0)",
+             "alphas = (abar[1:] / abar[:-1]).clamp(min=0.001, max=1.0)\n    return alphas, torch.cumprod(alphas, 0)"),
+            ("self.alphas = cosine_schedule(timesteps)\n        self.alphas_bar = torch.cumprod(self.alphas, 0)",
+             "self.alphas, self.alphas_bar = cosine_schedule(timesteps)")),
+           {*SCHEDULE, ABAR}),
+    Mutant("cpu_tensor_made_inside_p_sample",
+           (("x0 = torch.clamp(x0, -1.0, 1.0)",
+             "x0 = torch.maximum(torch.minimum(x0, torch.tensor([1.0])), torch.tensor([-1.0]))"),),
+           {ON_ANOTHER_DEVICE}),
+    Mutant("step_tensor_made_without_device_in_p_sample_loop",
+           (("torch.full((b,), i, dtype=torch.long, device=img.device)", "torch.full((b,), i, dtype=torch.long)"),),
+           {ON_ANOTHER_DEVICE}),
+    # not a mistake: a GPU reads values back, which meta tensors do not hold
+    Mutant("correct_but_reads_t_back_with_item", (("if t_index > 0 else", "if t[0].item() > 0 else"),), set()),
 ]
 
 
-def write_mutant(folder, mutant):
-    """The skeleton-style file with the mutant's edits, each of which must apply exactly once."""
-    source = SKELETON_STYLE.read_text()
-    for old, new in mutant.edits:
-        assert source.count(old) == 1, f"{mutant.name}: {old!r} is not in {SKELETON_STYLE} once"
-        source = source.replace(old, new)
-    folder.mkdir()
-    (folder / "diffusion.py").write_text(source)
-    return folder / "diffusion.py"
-
-
-def failures(report):
-    """{test name without parameters: failure message} of a junit report."""
-    failed = {}
-    for case in ElementTree.parse(report).iter("testcase"):
-        for problem in [*case.iter("failure"), *case.iter("error")]:
-            failed[case.get("name").split("[")[0]] = problem.get("message", "")
-    return failed
+def without_parameters(failed):
+    """{test name without its parameters: a failure message}: the mutants name tests, not cases."""
+    return {name.split("[")[0]: message for name, message in failed.items()}
 
 
 @pytest.fixture(scope="module")
-def verdicts(tmp_path_factory):
+def verdicts_by_file(tmp_path_factory):
     """{implementation name: the contract's failures on it}, from one run over every file."""
     folder = tmp_path_factory.mktemp("implementations")
-    files = dict(CORRECT, **{mutant.name: write_mutant(folder / mutant.name, mutant) for mutant in MUTANTS})
-    arguments = [str(CONTRACT)]
-    for name, path in files.items():
-        arguments += [str(path), str(folder / f"{name}.xml")]
-    run = subprocess.run([sys.executable, "-c", RUN_CONTRACT, *arguments], cwd=TESTS.parent,
-                         capture_output=True, text=True, timeout=600)
-    missing = [name for name in files if not (folder / f"{name}.xml").is_file()]
-    assert not missing, f"no report for {missing}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
-    return {name: failures(folder / f"{name}.xml") for name in files}
+    return {name: without_parameters(failed) for name, failed
+            in verdicts(CONTRACT, "A3_DIFFUSION", CORRECT, SKELETON_STYLE, MUTANTS, folder).items()}
 
 
 @pytest.mark.parametrize("name", CORRECT)
-def test_contract_passes_on_a_correct_diffusion(verdicts, name):
-    assert verdicts[name] == {}
+def test_contract_passes_on_a_correct_diffusion(verdicts_by_file, name):
+    assert verdicts_by_file[name] == {}
 
 
 @pytest.mark.parametrize("mutant", MUTANTS, ids=lambda mutant: mutant.name)
-def test_contract_fails_a_mistake_in_the_tests_that_check_it(verdicts, mutant):
-    assert set(verdicts[mutant.name]) == mutant.caught_by
+def test_contract_fails_a_mistake_in_the_tests_that_check_it(verdicts_by_file, mutant):
+    assert set(verdicts_by_file[mutant.name]) == mutant.caught_by
 
 
-def test_failure_names_the_equation_the_steps_off_and_the_worst_error(verdicts):
+def test_failure_names_the_equation_the_steps_off_and_the_worst_error(verdicts_by_file):
     """eq. (7)'s printed typo is harmless only at t = 0, where abar_t = alpha_t."""
-    message = verdicts["eq7_printed_typo_sqrt_abar_on_x_t"][POSTERIOR_MEAN]
+    message = verdicts_by_file["eq7_printed_typo_sqrt_abar_on_x_t"][POSTERIOR_MEAN]
     assert "eq. (7) posterior mean is off at 49 of 50, t=1 .. t=49. Worst at t=" in message
     assert "relative error" in message and "(tolerance 0.0001 relative" in message
 
@@ -191,3 +174,33 @@ def test_our_diffusion_matches_the_skeleton_style_one_at_the_graders_tolerance()
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], atol=1e-4, rtol=1e-4,
                                    msg=lambda message, name=name: f"{name}: {message}")
+
+
+
+def test_an_equation_off_because_of_draws_outside_noise_like_names_that_cause(verdicts_by_file):
+    message = verdicts_by_file["z_drawn_outside_noise_like"][POSTERIOR_MEAN]
+    assert message.startswith("Failed: eq. (7) posterior mean is off at 49 of 50")
+    assert re.search(r"Likely cause: random numbers drawn outside noise_like \(torch.randn_like at diffusion.py:\d+ "
+                     r"\(z = torch.randn_like\(x\) if t_index > 0 else torch.zeros_like\(x\)\)\), so the noise "
+                     r"was not the test's$", message)
+
+
+def test_a_draw_outside_noise_like_is_named_with_its_line(verdicts_by_file):
+    message = verdicts_by_file["q_sample_default_noise_drawn_outside_noise_like"][THROUGH_NOISE_LIKE]
+    assert re.match(r"Failed: q_sample drew random numbers outside self.noise_like: torch.randn_like at "
+                    r"diffusion.py:\d+ \(noise = torch.randn_like\(x_0\)\)\. Draw them with self.noise_like", message)
+
+
+def test_a_schedule_that_is_not_one_tensor_of_t_alphas_is_told_so_in_one_line(verdicts_by_file):
+    message = verdicts_by_file["cosine_schedule_returns_alphas_and_abar"][ABAR]
+    assert message == "Failed: cosine_schedule(50) returned a tuple of 2 items, not one tensor of the 50 alphas of eq. (3)"
+
+
+def test_a_cpu_tensor_mixed_in_is_named_with_the_op_and_the_line_that_made_it(verdicts_by_file):
+    made_inside = verdicts_by_file["cpu_tensor_made_inside_p_sample"][ON_ANOTHER_DEVICE]
+    left_on_cpu = verdicts_by_file["step_tensor_made_without_device_in_p_sample_loop"][ON_ANOTHER_DEVICE]
+    assert re.match(r"Failed: sample: torch.minimum at diffusion.py:\d+ \(x0 = torch.maximum\(torch.minimum\(x0, "
+                    r"torch.tensor\(\[1.0\]\)\).*\) mixes devices: it gets a CPU tensor of shape \(1,\), made on "
+                    r"that line, with tensors on meta", made_inside)
+    assert re.search(r"made at diffusion.py:\d+ \(img = self.p_sample\(img, torch.full\(\(b,\), i, "
+                     r"dtype=torch.long\), i\)\)", left_on_cpu)
