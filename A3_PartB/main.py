@@ -13,19 +13,27 @@ written (a full disk, no permission), and the checkpoint already saved is intact
 checkpoint, says how to resume, and exits with status 130.
 """
 import argparse
+import inspect
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from trainer import (CHECKPOINT_MINUTES, PRECISIONS, SaveError, autocast_dtype,
-                     build_feature_extractor, default_device, read_checkpoint)
-from utils import DEMO_STEPS, run_demo, train_diffusion, visualize_diffusion
+                     build_feature_extractor, default_device, read_checkpoint, require_above_zero,
+                     require_positive)
+from unet import Unet, check_groups
+from utils import SEED, train_diffusion, visualize_diffusion
 
-GROUPS = 8  # the U-Net's GroupNorm groups (resnet_block_groups), which must divide its widths
 COUNTS = ("train_steps", "save_and_sample_every", "batch_size", "image_size", "time_steps",
           "unet_dim")
+GROUPS = inspect.signature(Unet).parameters["resnet_block_groups"].default  # as utils builds it
+DEMO_STEPS = {"train_steps": 150, "save_and_sample_every": 50}  # a few minutes on a CPU
+SYNTHETIC_BACKGROUND = np.array([40.0, 40.0, 55.0])
+SYNTHETIC_COLOURS = {"cat": (230, 150, 60), "dog": (150, 110, 80), "wild": (90, 170, 80)}
 
 
 def build_parser():
@@ -73,22 +81,25 @@ def build_parser():
 
 
 def check_numbers(settings):
-    """Counts are positive, and the U-Net can be built for the image size."""
-    for flag in COUNTS:
-        if settings[flag] < 1:
-            raise ValueError(f"--{flag} must be at least 1, got {settings[flag]}.")
-    for flag in ("learning_rate", "checkpoint_minutes"):
-        if not settings[flag] > 0:
-            raise ValueError(f"--{flag} must be positive, got {settings[flag]}.")
+    """Counts are positive, and the U-Net can be built for the image size.
+
+    With the package's own checks (trainer.require_positive, unet.check_groups), under the flags'
+    names; the image size is checked here on purpose, as the U-Net sees it only at its first step.
+    """
+    require_positive(**{f"--{flag}": settings[flag] for flag in COUNTS})
+    require_above_zero(**{f"--{flag}": settings[flag]
+                          for flag in ("learning_rate", "checkpoint_minutes")})
     if settings["dataloader_workers"] < 0:
         raise ValueError(f"--dataloader_workers must be 0 or more, got "
                          f"{settings['dataloader_workers']}.")
     mults = settings["unet_dim_mults"]
     if min(mults) < 1:
         raise ValueError(f"--unet_dim_mults must all be at least 1, got {mults}.")
-    if settings["unet_dim"] % GROUPS:
+    try:
+        check_groups([settings["unet_dim"] * mult for mult in (1, *mults)], GROUPS)
+    except ValueError:
         raise ValueError(f"--unet_dim must be a multiple of {GROUPS} (the U-Net's GroupNorm "
-                         f"groups), got {settings['unet_dim']}.")
+                         f"groups), got {settings['unet_dim']}.") from None
     halvings = len(mults) - 1
     if settings["image_size"] % 2 ** halvings:
         raise ValueError(
@@ -135,6 +146,9 @@ def check_fid_network():
                          "run without --fid.") from None
 
 
+# ---------------------------------------------------------------- the flags' checks
+
+
 def check_flags(settings, visualize):
     """Every check that can fail, before any image is decoded or any run is started."""
     check_numbers(settings)
@@ -146,6 +160,60 @@ def check_flags(settings, visualize):
     check_checkpoint(settings, visualize)
     if settings["fid"] and not visualize:
         check_fid_network()
+
+
+# ---------------------------------------------------------------- the demo
+
+
+def synthetic_image(rng, size, colour):
+    """A smooth Gaussian blob of ``colour`` (jittered) on a dark background, as a PIL image."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    centre_x, centre_y = rng.uniform(0.35, 0.65, size=2)
+    radius = rng.uniform(0.15, 0.3)
+    weight = np.exp(-((x - centre_x) ** 2 + (y - centre_y) ** 2) / (2 * radius ** 2))[..., None]
+    blob = np.asarray(colour, dtype=float) + rng.normal(0, 15, size=3)
+    pixels = SYNTHETIC_BACKGROUND * (1 - weight) + blob * weight
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def write_synthetic_afhq(root, classes=("cat", "dog", "wild"), per_class=100, size=64,
+                         layout="v2", seed=SEED):
+    """Write a fake AFHQ tree of blob images; returns the folder that holds the class folders.
+
+    ``layout="v2"`` (the course's zip): ``root/train/{class}/*.png``;
+    ``layout="v1"``: ``root/afhq/train/{class}/*.jpg`` with an empty ``root/afhq/val/``.
+    """
+    if layout not in ("v1", "v2"):
+        raise ValueError(f"layout must be 'v1' or 'v2', got {layout!r}.")
+    train_folder = Path(root) / ("afhq/train" if layout == "v1" else "train")
+    suffix = ".jpg" if layout == "v1" else ".png"
+    if layout == "v1":
+        (Path(root) / "afhq" / "val").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        class_folder = train_folder / name
+        class_folder.mkdir(parents=True, exist_ok=True)
+        colour = SYNTHETIC_COLOURS.get(name, (200, 200, 200))
+        for index in range(per_class):
+            synthetic_image(rng, size, colour).save(class_folder / f"{name}_{index:04d}{suffix}")
+    return train_folder
+
+
+def run_demo(save_folder="./results", train_steps=DEMO_STEPS["train_steps"],
+             save_and_sample_every=DEMO_STEPS["save_and_sample_every"], fid=False,
+             checkpoint_minutes=CHECKPOINT_MINUTES, **settings):
+    """Train on 300 synthetic 64x64 "cats" and draw both process figures; needs no download.
+
+    With the handout's model, the demo's steps take a few minutes on a CPU. ``settings`` are
+    ``train_diffusion``'s other arguments; the synthetic images, written into
+    ``save_folder/demo_data``, replace ``data_path``. Returns the paths of the two figures.
+    """
+    data_path = write_synthetic_afhq(Path(save_folder) / "demo_data", classes=("cat",),
+                                     per_class=300, size=64)
+    settings = {**settings, "save_folder": save_folder, "data_path": data_path, "fid": fid,
+                "train_steps": train_steps, "save_and_sample_every": save_and_sample_every}
+    train_diffusion(**settings, checkpoint_minutes=checkpoint_minutes)
+    return visualize_diffusion(**{**settings, "load_path": None})  # the model just trained
 
 
 def demo_settings(settings, defaults):
