@@ -80,6 +80,9 @@ def build_parser():
     return parser
 
 
+# ---------------------------------------------------------------- the flags' checks
+
+
 def check_numbers(settings):
     """Counts are positive, and the U-Net can be built for the image size.
 
@@ -121,7 +124,8 @@ def check_save_folder(folder):
 
 def check_checkpoint(settings, visualize):
     """The checkpoint to visualize or to resume is readable; one to resume is not already at
-    --train_steps."""
+    --train_steps. Read here and again by the Trainer on purpose: only the command line knows
+    it is to resume, and says so before the U-Net and the data are built."""
     path = settings["load_path"]
     if path is None and visualize:
         path = Path(settings["save_folder"]) / "model.pt"
@@ -136,21 +140,20 @@ def check_checkpoint(settings, visualize):
                          f"{settings['train_steps']}: pass a larger --train_steps to train on.")
 
 
-def check_fid_network():
-    """clean-fid's Inception network loads (it is downloaded once, on first use)."""
+def fid_network():
+    """clean-fid's Inception network on the training device (downloaded once, on first use):
+    built here, so that a failed download is said before any work, and passed on to training."""
     try:
-        build_feature_extractor("clean", torch.device("cpu"), use_dataparallel=False)
+        return build_feature_extractor("clean", default_device(), use_dataparallel=False)
     except Exception as error:  # noqa: BLE001 - a download fails in many ways
         raise ValueError(f"--fid needs clean-fid's Inception network, which is downloaded from "
                          f"the internet once ({type(error).__name__}: {error}). Connect once, or "
                          "run without --fid.") from None
 
 
-# ---------------------------------------------------------------- the flags' checks
-
-
 def check_flags(settings, visualize):
-    """Every check that can fail, before any image is decoded or any run is started."""
+    """Every check that can fail, before any image is decoded or any run is started; returns
+    the FID network that the --fid check built for training (None without --fid)."""
     check_numbers(settings)
     try:
         autocast_dtype(default_device(), settings["precision"])
@@ -158,8 +161,7 @@ def check_flags(settings, visualize):
         raise ValueError(f"--precision: {error}") from None
     check_save_folder(settings["save_folder"])
     check_checkpoint(settings, visualize)
-    if settings["fid"] and not visualize:
-        check_fid_network()
+    return fid_network() if settings["fid"] and not visualize else None
 
 
 # ---------------------------------------------------------------- the demo
@@ -201,7 +203,7 @@ def write_synthetic_afhq(root, classes=("cat", "dog", "wild"), per_class=100, si
 
 def run_demo(save_folder="./results", train_steps=DEMO_STEPS["train_steps"],
              save_and_sample_every=DEMO_STEPS["save_and_sample_every"], fid=False,
-             checkpoint_minutes=CHECKPOINT_MINUTES, **settings):
+             checkpoint_minutes=CHECKPOINT_MINUTES, fid_feature_extractor=None, **settings):
     """Train on 300 synthetic 64x64 "cats" and draw both process figures; needs no download.
 
     With the handout's model, the demo's steps take a few minutes on a CPU. ``settings`` are
@@ -212,7 +214,8 @@ def run_demo(save_folder="./results", train_steps=DEMO_STEPS["train_steps"],
                                      per_class=300, size=64)
     settings = {**settings, "save_folder": save_folder, "data_path": data_path, "fid": fid,
                 "train_steps": train_steps, "save_and_sample_every": save_and_sample_every}
-    train_diffusion(**settings, checkpoint_minutes=checkpoint_minutes)
+    train_diffusion(**settings, checkpoint_minutes=checkpoint_minutes,
+                    fid_feature_extractor=fid_feature_extractor)
     return visualize_diffusion(**{**settings, "load_path": None})  # the model just trained
 
 
@@ -235,14 +238,14 @@ def main(argv=None):
     if demo:
         settings = demo_settings(settings, vars(parser.parse_args([])))
     try:
-        check_flags(settings, visualize)
-        checkpoint_minutes = settings.pop("checkpoint_minutes")  # training only
+        training = {"fid_feature_extractor": check_flags(settings, visualize),
+                    "checkpoint_minutes": settings.pop("checkpoint_minutes")}  # training only
         if demo:
-            run_demo(**settings, checkpoint_minutes=checkpoint_minutes)
+            run_demo(**settings, **training)
         elif visualize:
             visualize_diffusion(**settings)
         else:
-            train_diffusion(**settings, checkpoint_minutes=checkpoint_minutes)
+            train_diffusion(**settings, **training)
     except (ValueError, FileNotFoundError, FloatingPointError, SaveError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

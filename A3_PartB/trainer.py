@@ -935,8 +935,10 @@ def fid_worker_count(requested):
 
 
 def extractor_name(feature_extractor):
-    """The part of the FID cache name that tells feature extractors apart."""
-    if feature_extractor is None:
+    """The part of the FID cache name that tells feature extractors apart: "inception" for
+    clean-fid's own, whether built here or passed in (main.py builds it to check --fid)."""
+    if (feature_extractor is None
+            or getattr(feature_extractor, "__module__", "") == "cleanfid.features"):
         return "inception"
     return getattr(feature_extractor, "__name__", type(feature_extractor).__name__)
 

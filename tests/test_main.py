@@ -148,6 +148,19 @@ def test_main_passes_settings_to_train_diffusion_by_keyword(tmp_path, monkeypatc
     assert received[0]["precision"] == "auto"
 
 
+def test_the_fid_network_built_by_the_fid_check_is_the_one_training_uses(tmp_path, monkeypatch):
+    def network(images):
+        return images
+
+    network.__module__ = "cleanfid.features"  # as clean-fid's build_feature_extractor makes it
+    received = []
+    monkeypatch.setattr(main, "train_diffusion", lambda **settings: received.append(settings))
+    monkeypatch.setattr(main, "build_feature_extractor", lambda *args, **kwargs: network)
+    assert main.main(["--fid", "--save_folder", str(tmp_path)]) == 0
+    assert received[0]["fid_feature_extractor"] is network
+    assert trainer.extractor_name(network) == trainer.extractor_name(None) == "inception"
+
+
 @pytest.mark.parametrize("precision, dtype", [("fp32", None), ("bf16", torch.bfloat16)])
 def test_train_diffusion_passes_the_precision_to_the_trainer(afhq, tmp_path, precision, dtype):
     trainer = utils.train_diffusion(1, 1, False, tmp_path, afhq, precision=precision, **TINY)
