@@ -2,15 +2,10 @@
 
 Provided by the course's starter, with its contract (``Trainer``'s arguments, attributes and
 output names); it calls diffusion.py only through the skeleton's interface, so any correct
-student diffusion.py runs in it. Read it top to bottom: the constants, ``class Trainer`` (its
-``train`` shows one training step and one milestone), then the support code under headings:
-checkpoints and files, data, FID, wandb, figures, devices and the CUDA graph.
-
-The images of ``folder/{data_class}/`` are decoded once, cached in ``cache_folder`` (default
-``~/.cache/a3_ddpm``, shared by all results folders, with the FID reference statistics) and kept
-on the training device, where batches are cropped and flipped as the starter's transforms do.
-Outputs in ``results_folder``: ``model.pt``, ``sample_{milestone}.png``, ``loss.png``, ``fid.png``
-(FID on), ``metrics.csv``, ``forward_diffusion.png`` and ``backward_diffusion.png``.
+student diffusion.py runs in it. Read top to bottom: the constants, ``class Trainer`` (whose
+``train`` shows one training step and one milestone), then the support code under headings.
+Images are decoded once, cached in ``cache_folder`` (``~/.cache/a3_ddpm``) and kept on the
+device, where each batch is cropped and flipped as the starter's transforms do.
 """
 import contextlib
 import csv
@@ -129,13 +124,12 @@ class Trainer:
         # draws them as one batch of images_per_step, and the step makes one pass over it.
         images_per_step = train_batch_size * gradient_accumulate_every
         self._prepare_data(image_set, images_per_step, shuffle, augment=dataset == "train",
-                           workers=dataloader_workers)
-        self.fid_scorer = None
-        if fid:
-            self.fid_scorer = self._make_fid_scorer(fid_feature_extractor, dataloader_workers)
+                           workers=dataloader_workers, fid_feature_extractor=fid_feature_extractor)
 
-    def _prepare_data(self, image_set, batch_size, shuffle, augment, workers):
-        """Decoded images (``image_set``, or the cache of ``train_folder``) and their batches."""
+    def _prepare_data(self, image_set, batch_size, shuffle, augment, workers,
+                      fid_feature_extractor):
+        """The decoded images (``image_set``, or the cache of ``train_folder``), their batches
+        and, with FID on, the scorer against them (its statistics cached by image set)."""
         decode_threads = max(1, min(workers, os.cpu_count() or 1))
         self.ds = image_set if image_set is not None else load_image_set(
             self.train_folder, self.data_class, self.image_size, self.cache_folder,
@@ -144,14 +138,13 @@ class Trainer:
         self.batches = DeviceBatches(self.ds.train, self.image_size, batch_size, shuffle,
                                      self.device, augment)
         self.dl = endless_batches(self.batches)
-
-    def _make_fid_scorer(self, feature_extractor, workers):
-        """The FidScorer of the class's reference images, its statistics cached by image set."""
-        name = (f"fid_{extractor_name(feature_extractor)}_{self.data_class or 'all'}_"
-                f"{self.image_size}px_{self.ds.key}.npz")
-        return FidScorer(self.ds.reference, self.cache_folder / name,
-                         self.results_folder / "fid_samples", self.device,
-                         fid_worker_count(workers), feature_extractor)
+        self.fid_scorer = None
+        if self.fid:
+            name = (f"fid_{extractor_name(fid_feature_extractor)}_{self.data_class or 'all'}_"
+                    f"{self.image_size}px_{self.ds.key}.npz")
+            self.fid_scorer = FidScorer(self.ds.reference, self.cache_folder / name,
+                                        self.results_folder / "fid_samples", self.device,
+                                        fid_worker_count(workers), fid_feature_extractor)
 
     def _prepare_optimization(self, learning_rate, cuda_graph, precision):
         """Adam, mixed precision (with a GradScaler for fp16) and ``gradient_pass``: the step's
@@ -167,12 +160,10 @@ class Trainer:
     # ------------------------------------------------------------ training
 
     def train(self):
-        """Train from ``self.step`` up to ``train_num_steps`` (Algorithm 1), read top to bottom.
-
-        Ctrl-C saves a checkpoint (the weights of the last finished step), says how to resume,
-        and raises KeyboardInterrupt again, so a notebook's "Run all" stops there. A file that
-        cannot be written raises SaveError, saying how to resume from the last checkpoint.
-        """
+        """Train from ``self.step`` up to ``train_num_steps`` (Algorithm 1). Ctrl-C saves a
+        checkpoint (the last finished step), says how to resume and raises KeyboardInterrupt
+        again, so a notebook's "Run all" stops there; a file that cannot be written raises
+        SaveError, saying how to resume from the last checkpoint."""
         if self.step >= self.train_num_steps:
             print(f"Nothing to train: the model is at step {self.step} and train_num_steps is "
                   f"{self.train_num_steps}; raise train_num_steps to train on.")
@@ -197,7 +188,8 @@ class Trainer:
                 # -- log: read the losses every log_every steps, at milestones and checkpoints
                 milestone = (self.step % self.save_and_sample_every == 0
                              or self.step == self.train_num_steps)
-                checkpoint_due = self._checkpoint_due()
+                checkpoint_due = (time.monotonic() - self.last_checkpoint_time
+                                  >= self.checkpoint_seconds)  # every checkpoint_minutes
                 if not (milestone or checkpoint_due or len(unread_losses) == self.log_every):
                     continue
                 row = self._record_losses(unread_losses, logger)  # logs all but this step
@@ -338,10 +330,6 @@ class Trainer:
         atomic_write(self.results_folder / name, lambda file: torch.save(checkpoint, file))
         self.last_checkpoint_time = time.monotonic()
 
-    def _checkpoint_due(self):
-        """Whether ``checkpoint_minutes`` have passed since the last checkpoint."""
-        return time.monotonic() - self.last_checkpoint_time >= self.checkpoint_seconds
-
     def _resume_hint(self):
         """The sentence that says how to resume from ``model.pt``."""
         return (f"Resume with load_path={str(self.checkpoint_path)!r} "
@@ -404,12 +392,11 @@ class Trainer:
             forward, x_T = self._forward_process(x_0, steps)
             backward = self._backward_process(x_T, steps)
         labels = [f"{fraction:.0%}: t = {t}" for fraction, t in zip(VISUALIZED_FRACTIONS, steps)]
-        paths = {"forward_diffusion": self.results_folder / "forward_diffusion.png",
-                 "backward_diffusion": self.results_folder / "backward_diffusion.png"}
-        plot_process([to_image_range(x.float()) for x in forward], labels,
-                     paths["forward_diffusion"])
-        plot_process([to_image_range(x.float()) for x in backward], labels[::-1],
-                     paths["backward_diffusion"])
+        paths = {}
+        for name, frames, titles in (("forward_diffusion", forward, labels),
+                                     ("backward_diffusion", backward, labels[::-1])):
+            paths[name] = self.results_folder / f"{name}.png"
+            plot_process([to_image_range(x.float()) for x in frames], titles, paths[name])
         self._publish(paths)
         return paths["forward_diffusion"], paths["backward_diffusion"]
 
@@ -422,7 +409,7 @@ class Trainer:
         logger.finish()
 
 
-# ---------------------------------------------------------------- checkpoints and files
+# ---------------------------------------------------------- checkpoints and files
 
 
 class SaveError(OSError):
@@ -871,19 +858,14 @@ class FidScorer:
         file, else computed and cached (a damaged cache file is computed afresh)."""
         if self.reference is None:
             statistics = read_cache(self.cache_file, read_fid_statistics)
-            if statistics is None:
-                statistics = self._computed_reference_statistics()
+            if statistics is None:  # PNGs in a temporary folder: the cache may not be writable
+                with tempfile.TemporaryDirectory() as folder:
+                    statistics = self._statistics(self.reference_images, Path(folder) / "images")
+                write_cache(self.cache_file, lambda file: np.savez(
+                    file, mu=statistics[0], sigma=statistics[1]))
             mu, sigma = statistics
             self.reference = mu, sigma, psd_sqrt(sigma)
         return self.reference
-
-    def _computed_reference_statistics(self):
-        """(mu, sigma) of the reference images' features, written to the cache file. Their PNGs
-        go to the system's temporary folder, as the cache folder may not be writable."""
-        with tempfile.TemporaryDirectory() as folder:
-            mu, sigma = self._statistics(self.reference_images, Path(folder) / "reference")
-        write_cache(self.cache_file, lambda file: np.savez(file, mu=mu, sigma=sigma))
-        return mu, sigma
 
     def score(self, images):
         """FID of uint8 images (N, 3, S, S) against the reference statistics."""
@@ -1036,7 +1018,7 @@ def show_in_notebook(path):
         display(NotebookImage(filename=str(path)))
 
 
-# ---------------------------------------------------------------- devices, precision and the CUDA graph
+# ------------------------------------------------ devices, precision and the CUDA graph
 
 
 def default_device():  # the same as Part A's a3_helper.pick_device, as each part ships alone
