@@ -86,8 +86,9 @@ def build_parser():
 def check_numbers(settings):
     """Counts are positive, and the U-Net can be built for the image size.
 
-    With the package's own checks (trainer.require_positive, unet.check_groups), under the flags'
-    names; the image size is checked here on purpose, as the U-Net sees it only at its first step.
+    The package's own checks (trainer.require_positive, unet.check_groups) under the flags' names,
+    before any work; the Trainer and the U-Net check their arguments again, for the notebook's
+    calls. Duplicated on purpose: the image size, which the U-Net checks only at its first step.
     """
     require_positive(**{f"--{flag}": settings[flag] for flag in COUNTS})
     require_above_zero(**{f"--{flag}": settings[flag]
@@ -99,7 +100,7 @@ def check_numbers(settings):
     if min(mults) < 1:
         raise ValueError(f"--unet_dim_mults must all be at least 1, got {mults}.")
     try:
-        check_groups([settings["unet_dim"] * mult for mult in (1, *mults)], GROUPS)
+        check_groups([settings["unet_dim"] * mult for mult in (1, *mults)], GROUPS)  # its widths
     except ValueError:
         raise ValueError(f"--unet_dim must be a multiple of {GROUPS} (the U-Net's GroupNorm "
                          f"groups), got {settings['unet_dim']}.") from None
