@@ -397,16 +397,11 @@ class Trainer:
                                      ("backward_diffusion", backward, labels[::-1])):
             paths[name] = self.results_folder / f"{name}.png"
             plot_process([to_image_range(x.float()) for x in frames], titles, paths[name])
-        self._publish(paths)
-        return paths["forward_diffusion"], paths["backward_diffusion"]
-
-    def _publish(self, figures):
-        """Show figures (name -> PNG path) in a notebook and log them to wandb in one call."""
-        for path in figures.values():
-            show_in_notebook(path)
+            show_in_notebook(paths[name])
         logger = WandbLogger(self.config, self.results_folder)
-        logger.log(self.step, {}, figures)
+        logger.log(self.step, {}, paths)  # both figures in one wandb.log
         logger.finish()
+        return paths["forward_diffusion"], paths["backward_diffusion"]
 
 
 # ---------------------------------------------------------- checkpoints and files
@@ -760,6 +755,7 @@ class DeviceBatches:
         self.channels = torch.arange(images.shape[1], device=device).view(1, -1, 1, 1)
 
     def _indices(self):
+        """The batch's image indices: random, or the next ones in file order (a device tensor)."""
         count = len(self.images)
         if self.shuffle:
             return torch.randint(count, (self.batch_size,), device=self.images.device)
@@ -835,12 +831,6 @@ class FidScorer:
         self.feature_extractor = feature_extractor
         self.reference = None
 
-    def _extractor(self):
-        if self.feature_extractor is None:
-            self.feature_extractor = build_feature_extractor(
-                "clean", self.device, use_dataparallel=False)
-        return self.feature_extractor
-
     def _statistics(self, images, folder):
         """Mean and covariance of the features of uint8 images, saved as PNGs in ``folder``."""
         shutil.rmtree(folder, ignore_errors=True)
@@ -848,8 +838,11 @@ class FidScorer:
             folder.mkdir(parents=True)
             for index, image in enumerate(images):
                 Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{index:05d}.png")
+        if self.feature_extractor is None:  # built at the first use, as it may be downloaded
+            self.feature_extractor = build_feature_extractor(
+                "clean", self.device, use_dataparallel=False)
         features = clean_fid.get_folder_features(
-            str(folder), self._extractor(), num_workers=self.workers, device=self.device,
+            str(folder), self.feature_extractor, num_workers=self.workers, device=self.device,
             mode="clean", verbose=False)
         return features.mean(axis=0), np.cov(features, rowvar=False)
 
@@ -976,6 +969,7 @@ class WandbLogger:
         self.run.log({**metrics, **pictures}, step=step)
 
     def finish(self):
+        """End the wandb run (wandb syncs it), if one started."""
         if self.run is not None:
             self.run.finish()
 
@@ -1100,6 +1094,7 @@ class CudaGraphed:
         self.failed = False
 
     def __call__(self):
+        """Replay the graph (capturing it at the first call), or run ``function`` if it failed."""
         if self.failed:
             return self.function()
         if self.graph is None:
