@@ -84,12 +84,9 @@ def build_parser():
 
 
 def check_numbers(settings):
-    """Counts are positive, and the U-Net can be built for the image size.
-
-    The package's own checks (trainer.require_positive, unet.check_groups) under the flags' names,
-    before any work; the Trainer and the U-Net check their arguments again, for the notebook's
-    calls. Duplicated on purpose: the image size, which the U-Net checks only at its first step.
-    """
+    """Counts are positive, and the U-Net can be built for the image size (trainer's
+    require_positive and unet's check_groups; the image size is checked here on purpose, as the
+    U-Net checks it only at its first step)."""
     require_positive(**{f"--{flag}": settings[flag] for flag in COUNTS})
     require_above_zero(**{f"--{flag}": settings[flag]
                           for flag in ("learning_rate", "checkpoint_minutes")})
@@ -154,7 +151,11 @@ def fid_network():
 
 def check_flags(settings, visualize):
     """Every check that can fail, before any image is decoded or any run is started; returns
-    the FID network that the --fid check built for training (None without --fid)."""
+    the FID network that the --fid check built for training (None without --fid).
+
+    The checks are the package's own under the flags' names; the Trainer and the U-Net repeat
+    the cheap ones where their arguments enter, for the notebook's calls, which skip this file.
+    """
     check_numbers(settings)
     try:
         autocast_dtype(default_device(), settings["precision"])

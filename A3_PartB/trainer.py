@@ -93,6 +93,7 @@ class Trainer:
             raise ValueError(f"image_size={image_size} but the model makes "
                              f"{diffusion_model.image_size}px images; pass the same size to both.")
         self.device = torch.device(device) if device is not None else default_device()
+        self.amp_dtype = autocast_dtype(self.device, precision)  # which checks precision
         self.model = move_to_device(diffusion_model, self.device)
         self.settings = model_settings(diffusion_model)
         self.image_size = image_size
@@ -114,7 +115,7 @@ class Trainer:
         self.checkpoint_seconds = 60 * checkpoint_minutes
         self.config = {**self.settings, "data_class": data_class, "batch_size": train_batch_size,
                        "learning_rate": train_lr, "train_num_steps": train_num_steps, "fid": fid}
-        self._prepare_optimization(train_lr, cuda_graph, precision)
+        self._prepare_optimization(train_lr, cuda_graph)
         self.step = 0
         self.history = []
         if load_path is not None:
@@ -146,14 +147,13 @@ class Trainer:
                                         self.results_folder / "fid_samples", self.device,
                                         fid_worker_count(workers), fid_feature_extractor)
 
-    def _prepare_optimization(self, learning_rate, cuda_graph, precision):
-        """Adam, mixed precision (with a GradScaler for fp16) and ``gradient_pass``: the step's
+    def _prepare_optimization(self, learning_rate, cuda_graph):
+        """Adam, a GradScaler (on for fp16) and ``gradient_pass``: the step's
         ``loss_and_gradients``, replayed as a CUDA graph on a GPU."""
         use_graph = cuda_graph and self.device.type == "cuda"
         self.gradient_pass = (CudaGraphed(self.loss_and_gradients) if use_graph
                               else self.loss_and_gradients)
         self.opt = adam(self.model.parameters(), learning_rate, self.device)
-        self.amp_dtype = autocast_dtype(self.device, precision)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_dtype == torch.float16)
 
