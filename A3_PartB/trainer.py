@@ -245,7 +245,7 @@ class Trainer:
         Returns the loss, float32 whatever the precision, as a tensor on the device.
         """
         self.opt.zero_grad(set_to_none=True)
-        x_0 = next(self.dl)
+        x_0 = next(self.dl)  # the step's batches as one: batch_size * gradient_accumulate_every
         noise = torch.randn_like(x_0)  # Algorithm 1, line 4
         with self._autocast():
             loss = self.model(x_0, noise).float().mean()  # the starter's call
