@@ -1,6 +1,6 @@
 """Denoising diffusion (DDPM, Ho et al. 2020) with the improved cosine schedule.
 
-The math of the handout, with its typos corrected as in SPEC.md:
+The math of the handout, with its typos corrected (each also noted where the code uses it):
 
 * time steps are 0-based here: ``t = 0 .. T-1`` stands for the handout's ``1 .. T``;
 * ``alphas_cumprod`` (the handout's abar) is the running product of the *clipped* alphas;
@@ -69,7 +69,7 @@ class Diffusion(nn.Module):
 
     def _register_schedule(self, alphas):
         """Register the schedule and every coefficient derived from it."""
-        alphas_cumprod = torch.cumprod(alphas, dim=0)  # eq. (6): abar_t
+        alphas_cumprod = torch.cumprod(alphas, dim=0)  # eq. (6): abar_t, of the *clipped* alphas
         alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)  # abar before step 0 is 1
         buffers = {
             "alphas": alphas,
@@ -80,7 +80,8 @@ class Diffusion(nn.Module):
             "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),
             # eq. (7): sigma_t^2 = (1 - abar_{t-1}) / (1 - abar_t) * (1 - alpha_t)
             "posterior_variance": (1 - alphas_cumprod_prev) / (1 - alphas_cumprod) * (1 - alphas),
-            # eq. (7): mu_t = coef1 * x_0 + coef2 * x_t
+            # eq. (7): mu_t = coef1 * x_0 + coef2 * x_t, coef2 = sqrt(alpha_t)(1 - abar_{t-1})
+            # / (1 - abar_t) as in Algorithm 2 line 7 (eq. 7 misprints it)
             "posterior_mean_coef1": alphas_cumprod_prev.sqrt() * (1 - alphas) / (1 - alphas_cumprod),
             "posterior_mean_coef2": alphas.sqrt() * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
         }
@@ -106,7 +107,8 @@ class Diffusion(nn.Module):
     # ---- forward process and training (Algorithm 1) ----
 
     def q_sample(self, x_0, t, noise=None):
-        """Sample x_t ~ q(x_t | x_0), eq. (2) with abar_t (eq. 6)."""
+        """Sample x_t ~ q(x_t | x_0), eq. (2) with abar_t (eq. 6), where Algorithm 1 line 5
+        prints alpha_t (a typo)."""
         if noise is None:
             noise = self.noise_like(x_0.shape, x_0.device)
         return (
@@ -136,7 +138,7 @@ class Diffusion(nn.Module):
     def p_sample(self, x, t, t_index):
         """One reverse step x_t -> x_{t-1} (Algorithm 2, lines 3-9)."""
         predicted_noise = self.model(x, t).float()  # line 4
-        x_0_hat = (  # line 5, eq. (8)
+        x_0_hat = (  # line 5, eq. (8), with abar_t where the handout prints alpha_t
             x - extract(self.sqrt_one_minus_alphas_cumprod, t, x.shape) * predicted_noise
         ) / extract(self.sqrt_alphas_cumprod, t, x.shape)
         x_0_hat = x_0_hat.clamp(-1.0, 1.0)  # line 6

@@ -13,19 +13,27 @@ written (a full disk, no permission), and the checkpoint already saved is intact
 checkpoint, says how to resume, and exits with status 130.
 """
 import argparse
+import inspect
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from trainer import (CHECKPOINT_MINUTES, PRECISIONS, SaveError, autocast_dtype,
-                     build_feature_extractor, default_device, read_checkpoint)
-from utils import DEMO_STEPS, run_demo, train_diffusion, visualize_diffusion
+                     build_feature_extractor, default_device, read_checkpoint, require_above_zero,
+                     require_positive)
+from unet import Unet, check_groups
+from utils import SEED, train_diffusion, visualize_diffusion
 
-GROUPS = 8  # the U-Net's GroupNorm groups (resnet_block_groups), which must divide its widths
 COUNTS = ("train_steps", "save_and_sample_every", "batch_size", "image_size", "time_steps",
           "unet_dim")
+GROUPS = inspect.signature(Unet).parameters["resnet_block_groups"].default  # as utils builds it
+DEMO_STEPS = {"train_steps": 150, "save_and_sample_every": 50}  # a few minutes on a CPU
+SYNTHETIC_BACKGROUND = np.array([40.0, 40.0, 55.0])
+SYNTHETIC_COLOURS = {"cat": (230, 150, 60), "dog": (150, 110, 80), "wild": (90, 170, 80)}
 
 
 def build_parser():
@@ -72,23 +80,27 @@ def build_parser():
     return parser
 
 
+# ---------------------------------------------------------------- the flags' checks
+
+
 def check_numbers(settings):
-    """Counts are positive, and the U-Net can be built for the image size."""
-    for flag in COUNTS:
-        if settings[flag] < 1:
-            raise ValueError(f"--{flag} must be at least 1, got {settings[flag]}.")
-    for flag in ("learning_rate", "checkpoint_minutes"):
-        if not settings[flag] > 0:
-            raise ValueError(f"--{flag} must be positive, got {settings[flag]}.")
+    """Counts are positive, and the U-Net can be built for the image size (trainer's
+    require_positive and unet's check_groups; the image size is checked here on purpose, as the
+    U-Net checks it only at its first step)."""
+    require_positive(**{f"--{flag}": settings[flag] for flag in COUNTS})
+    require_above_zero(**{f"--{flag}": settings[flag]
+                          for flag in ("learning_rate", "checkpoint_minutes")})
     if settings["dataloader_workers"] < 0:
         raise ValueError(f"--dataloader_workers must be 0 or more, got "
                          f"{settings['dataloader_workers']}.")
     mults = settings["unet_dim_mults"]
     if min(mults) < 1:
         raise ValueError(f"--unet_dim_mults must all be at least 1, got {mults}.")
-    if settings["unet_dim"] % GROUPS:
+    try:
+        check_groups([settings["unet_dim"] * mult for mult in (1, *mults)], GROUPS)  # its widths
+    except ValueError:
         raise ValueError(f"--unet_dim must be a multiple of {GROUPS} (the U-Net's GroupNorm "
-                         f"groups), got {settings['unet_dim']}.")
+                         f"groups), got {settings['unet_dim']}.") from None
     halvings = len(mults) - 1
     if settings["image_size"] % 2 ** halvings:
         raise ValueError(
@@ -110,7 +122,8 @@ def check_save_folder(folder):
 
 def check_checkpoint(settings, visualize):
     """The checkpoint to visualize or to resume is readable; one to resume is not already at
-    --train_steps."""
+    --train_steps. Read here and again by the Trainer on purpose: only the command line knows
+    it is to resume, and says so before the U-Net and the data are built."""
     path = settings["load_path"]
     if path is None and visualize:
         path = Path(settings["save_folder"]) / "model.pt"
@@ -125,10 +138,11 @@ def check_checkpoint(settings, visualize):
                          f"{settings['train_steps']}: pass a larger --train_steps to train on.")
 
 
-def check_fid_network():
-    """clean-fid's Inception network loads (it is downloaded once, on first use)."""
+def fid_network():
+    """clean-fid's Inception network on the training device (downloaded once, on first use):
+    built here, so that a failed download is said before any work, and passed on to training."""
     try:
-        build_feature_extractor("clean", torch.device("cpu"), use_dataparallel=False)
+        return build_feature_extractor("clean", default_device(), use_dataparallel=False)
     except Exception as error:  # noqa: BLE001 - a download fails in many ways
         raise ValueError(f"--fid needs clean-fid's Inception network, which is downloaded from "
                          f"the internet once ({type(error).__name__}: {error}). Connect once, or "
@@ -136,7 +150,12 @@ def check_fid_network():
 
 
 def check_flags(settings, visualize):
-    """Every check that can fail, before any image is decoded or any run is started."""
+    """Every check that can fail, before any image is decoded or any run is started; returns
+    the FID network that the --fid check built for training (None without --fid).
+
+    The checks are the package's own under the flags' names; the Trainer and the U-Net repeat
+    the cheap ones where their arguments enter, for the notebook's calls, which skip this file.
+    """
     check_numbers(settings)
     try:
         autocast_dtype(default_device(), settings["precision"])
@@ -144,8 +163,62 @@ def check_flags(settings, visualize):
         raise ValueError(f"--precision: {error}") from None
     check_save_folder(settings["save_folder"])
     check_checkpoint(settings, visualize)
-    if settings["fid"] and not visualize:
-        check_fid_network()
+    return fid_network() if settings["fid"] and not visualize else None
+
+
+# ---------------------------------------------------------------- the demo
+
+
+def synthetic_image(rng, size, colour):
+    """A smooth Gaussian blob of ``colour`` (jittered) on a dark background, as a PIL image."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    centre_x, centre_y = rng.uniform(0.35, 0.65, size=2)
+    radius = rng.uniform(0.15, 0.3)
+    weight = np.exp(-((x - centre_x) ** 2 + (y - centre_y) ** 2) / (2 * radius ** 2))[..., None]
+    blob = np.asarray(colour, dtype=float) + rng.normal(0, 15, size=3)
+    pixels = SYNTHETIC_BACKGROUND * (1 - weight) + blob * weight
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def write_synthetic_afhq(root, classes=("cat", "dog", "wild"), per_class=100, size=64,
+                         layout="v2", seed=SEED):
+    """Write a fake AFHQ tree of blob images; returns the folder that holds the class folders.
+
+    ``layout="v2"`` (the course's zip): ``root/train/{class}/*.png``;
+    ``layout="v1"``: ``root/afhq/train/{class}/*.jpg`` with an empty ``root/afhq/val/``.
+    """
+    if layout not in ("v1", "v2"):
+        raise ValueError(f"layout must be 'v1' or 'v2', got {layout!r}.")
+    train_folder = Path(root) / ("afhq/train" if layout == "v1" else "train")
+    suffix = ".jpg" if layout == "v1" else ".png"
+    if layout == "v1":
+        (Path(root) / "afhq" / "val").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        class_folder = train_folder / name
+        class_folder.mkdir(parents=True, exist_ok=True)
+        colour = SYNTHETIC_COLOURS.get(name, (200, 200, 200))
+        for index in range(per_class):
+            synthetic_image(rng, size, colour).save(class_folder / f"{name}_{index:04d}{suffix}")
+    return train_folder
+
+
+def run_demo(save_folder="./results", train_steps=DEMO_STEPS["train_steps"],
+             save_and_sample_every=DEMO_STEPS["save_and_sample_every"], fid=False,
+             checkpoint_minutes=CHECKPOINT_MINUTES, fid_feature_extractor=None, **settings):
+    """Train on 300 synthetic 64x64 "cats" and draw both process figures; needs no download.
+
+    With the handout's model, the demo's steps take a few minutes on a CPU. ``settings`` are
+    ``train_diffusion``'s other arguments; the synthetic images, written into
+    ``save_folder/demo_data``, replace ``data_path``. Returns the paths of the two figures.
+    """
+    data_path = write_synthetic_afhq(Path(save_folder) / "demo_data", classes=("cat",),
+                                     per_class=300, size=64)
+    settings = {**settings, "save_folder": save_folder, "data_path": data_path, "fid": fid,
+                "train_steps": train_steps, "save_and_sample_every": save_and_sample_every}
+    train_diffusion(**settings, checkpoint_minutes=checkpoint_minutes,
+                    fid_feature_extractor=fid_feature_extractor)
+    return visualize_diffusion(**{**settings, "load_path": None})  # the model just trained
 
 
 def demo_settings(settings, defaults):
@@ -167,14 +240,14 @@ def main(argv=None):
     if demo:
         settings = demo_settings(settings, vars(parser.parse_args([])))
     try:
-        check_flags(settings, visualize)
-        checkpoint_minutes = settings.pop("checkpoint_minutes")  # training only
+        training = {"fid_feature_extractor": check_flags(settings, visualize),
+                    "checkpoint_minutes": settings.pop("checkpoint_minutes")}  # training only
         if demo:
-            run_demo(**settings, checkpoint_minutes=checkpoint_minutes)
+            run_demo(**settings, **training)
         elif visualize:
             visualize_diffusion(**settings)
         else:
-            train_diffusion(**settings, checkpoint_minutes=checkpoint_minutes)
+            train_diffusion(**settings, **training)
     except (ValueError, FileNotFoundError, FloatingPointError, SaveError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,20 +1,11 @@
-"""Training of the DDPM in diffusion.py: data, the loop of Algorithm 1, checkpoints, FID, figures.
+"""Training of the DDPM in diffusion.py: the loop of Algorithm 1, checkpoints, FID and figures.
 
-This file is provided by the course's starter, and keeps its contract (``Trainer``'s arguments,
-attributes and output names): it uses diffusion.py only through the skeleton's interface, so any
-correct student diffusion.py runs in it. The engineering is ours:
-
-Data: the images of ``folder/{data_class}/*.{jpg,jpeg,png}`` are decoded and resized once, stacked
-into uint8 tensors, cached on disk (``~/.cache/a3_ddpm``) and kept on the training device. Batches are
-drawn, cropped and flipped there, so no DataLoader worker decodes 512x512 PNGs while training.
-The augmentation (``dataset="train"``) is the starter's: resize to ``int(1.12 * image_size)``,
-random ``image_size`` crop, random horizontal flip; otherwise a centre crop. Pixels are mapped to
-[-1, 1] right before the model sees them, and back to [0, 1] for pictures.
-
-Outputs in ``results_folder``: ``model.pt`` (checkpoint), ``sample_{milestone}.png``,
-``loss.png``, ``fid.png`` (with FID on), ``metrics.csv``, ``forward_diffusion.png`` and
-``backward_diffusion.png`` (``visualize_diffusion``). Decoded images and FID reference
-statistics go to ``cache_folder`` (default ``~/.cache/a3_ddpm``), shared by all results folders.
+Provided by the course's starter, with its contract (``Trainer``'s arguments, attributes and
+output names); it calls diffusion.py only through the skeleton's interface, so any correct
+student diffusion.py runs in it. Read top to bottom: the constants, ``class Trainer`` (whose
+``train`` shows one training step and one milestone), then the support code under headings.
+Images are decoded once, cached in ``cache_folder`` (``~/.cache/a3_ddpm``) and kept on the
+device, where each batch is cropped and flipped as the starter's transforms do.
 """
 import contextlib
 import csv
@@ -53,7 +44,7 @@ IMAGES_PER_PANEL = 16
 METRIC_FIELDS = ("step", "loss", "fid")
 AFHQ_DRIVE_ID = "1-1npXlqCw1CYQ5SBbrlSgZdA9TEwZre4"
 CHECKPOINT_MINUTES = 5  # model.pt is also written this often, so a kill loses minutes at most
-
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # name -> autocast dtype
 
 WRITE_ADVICE = {  # errno -> what to do when a file cannot be written
     errno.ENOSPC: "Free some space on that disk, or write to a folder on another disk",
@@ -61,6 +52,359 @@ WRITE_ADVICE = {  # errno -> what to do when a file cannot be written
     errno.EROFS: "That disk is read-only: write to a folder on another disk",
 }
 OTHER_WRITE_ADVICE = "Write to a folder you can write to, or make this one writable"
+
+
+class Trainer:
+    """Trains a Diffusion model (Algorithm 1) on the images of ``folder`` and evaluates it.
+
+    The starter's arguments and attributes: ``model`` (the Diffusion), ``ds`` (the images:
+    ``len(ds)``, and ``ds[i]`` in [0, 1] as the starter's Dataset), ``dl`` (endless batches in
+    [-1, 1]), ``opt`` (Adam), ``step`` (steps done), ``batch_size``, ``image_size``,
+    ``gradient_accumulate_every``, ``train_num_steps``, ``save_and_sample_every``,
+    ``results_folder``, ``fid``, ``device``; ``dataset="train"`` turns augmentation on. Every
+    ``save_and_sample_every`` steps and at the end: ``model.pt``, ``sample_{milestone}.png``,
+    ``loss.png``, ``metrics.csv`` (and ``fid.png``); each step's loss is read from the device
+    every ``log_every`` steps and logged.
+
+    Beyond the starter's: ``image_set`` (an ``ImageSet`` instead of reading ``folder``),
+    ``fid_feature_extractor`` (instead of clean-fid's Inception), ``num_fid_samples`` (512, the
+    course protocol), ``num_samples`` (the grid), ``precision`` (see ``autocast_dtype``),
+    ``cuda_graph`` (GPU only, see ``loss_and_gradients``), ``cache_folder``;
+    ``dataloader_workers`` caps the decoding threads and clean-fid's workers at the CPU count;
+    ``model.pt`` is also written once ``checkpoint_minutes`` of training have passed since the
+    last checkpoint, so a kill (a Colab disconnect) loses at most that much.
+    """
+
+    def __init__(self, diffusion_model, folder, *, dataloader_workers=16, image_size=32,
+                 train_batch_size=32, train_lr=1e-3, train_num_steps=10000,
+                 gradient_accumulate_every=2, save_and_sample_every=1000,
+                 results_folder="./results", load_path=None, dataset=None, shuffle=True,
+                 data_class=None, device=None, fid=False, image_set=None,
+                 fid_feature_extractor=None, num_fid_samples=512, num_samples=25, log_every=10,
+                 cuda_graph=True, cache_folder=None, precision="auto",
+                 checkpoint_minutes=CHECKPOINT_MINUTES):
+        require_positive(train_batch_size=train_batch_size,
+                         save_and_sample_every=save_and_sample_every,
+                         gradient_accumulate_every=gradient_accumulate_every,
+                         log_every=log_every, num_samples=num_samples,
+                         num_fid_samples=num_fid_samples)
+        require_above_zero(checkpoint_minutes=checkpoint_minutes)
+        if image_size != diffusion_model.image_size:
+            raise ValueError(f"image_size={image_size} but the model makes "
+                             f"{diffusion_model.image_size}px images; pass the same size to both.")
+        self.device = torch.device(device) if device is not None else default_device()
+        self.amp_dtype = autocast_dtype(self.device, precision)  # which checks precision
+        self.model = move_to_device(diffusion_model, self.device)
+        self.settings = model_settings(diffusion_model)
+        self.image_size = image_size
+        self.batch_size = train_batch_size
+        self.train_num_steps = train_num_steps
+        self.gradient_accumulate_every = gradient_accumulate_every
+        self.save_and_sample_every = save_and_sample_every
+        self.data_class = data_class
+        self.fid = fid
+        self.train_folder = folder
+        self.cache_folder = Path(cache_folder) if cache_folder is not None else default_cache_folder()
+        self.log_every = log_every
+        self.num_samples = num_samples
+        self.num_fid_samples = num_fid_samples
+        self.results_folder = Path(results_folder)
+        with reported_write_errors(self.results_folder):
+            self.results_folder.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_path = self.results_folder / "model.pt"
+        self.checkpoint_seconds = 60 * checkpoint_minutes
+        self.config = {**self.settings, "data_class": data_class, "batch_size": train_batch_size,
+                       "learning_rate": train_lr, "train_num_steps": train_num_steps, "fid": fid}
+        self._prepare_optimization(train_lr, cuda_graph)
+        self.step = 0
+        self.history = []
+        if load_path is not None:
+            self.load(load_path)  # before the data, so a bad checkpoint fails before decoding
+
+        # The starter draws gradient_accumulate_every batches of train_batch_size per step; dl
+        # draws them as one batch of images_per_step, and the step makes one pass over it.
+        images_per_step = train_batch_size * gradient_accumulate_every
+        self._prepare_data(image_set, images_per_step, shuffle, augment=dataset == "train",
+                           workers=dataloader_workers, fid_feature_extractor=fid_feature_extractor)
+
+    def _prepare_data(self, image_set, batch_size, shuffle, augment, workers,
+                      fid_feature_extractor):
+        """The decoded images (``image_set``, or the cache of ``train_folder``), their batches
+        and, with FID on, the scorer against them (its statistics cached by image set)."""
+        decode_threads = max(1, min(workers, os.cpu_count() or 1))
+        self.ds = image_set if image_set is not None else load_image_set(
+            self.train_folder, self.data_class, self.image_size, self.cache_folder,
+            decode_threads)
+        print(f"dataset length: {len(self.ds)}, dataset class: {self.data_class}")
+        self.batches = DeviceBatches(self.ds.train, self.image_size, batch_size, shuffle,
+                                     self.device, augment)
+        self.dl = endless_batches(self.batches)
+        self.fid_scorer = None
+        if self.fid:
+            name = (f"fid_{extractor_name(fid_feature_extractor)}_{self.data_class or 'all'}_"
+                    f"{self.image_size}px_{self.ds.key}.npz")
+            self.fid_scorer = FidScorer(self.ds.reference, self.cache_folder / name,
+                                        self.results_folder / "fid_samples", self.device,
+                                        fid_worker_count(workers), fid_feature_extractor)
+
+    def _prepare_optimization(self, learning_rate, cuda_graph):
+        """Adam, a GradScaler (on for fp16) and ``gradient_pass``: the step's
+        ``loss_and_gradients``, replayed as a CUDA graph on a GPU."""
+        use_graph = cuda_graph and self.device.type == "cuda"
+        self.gradient_pass = (CudaGraphed(self.loss_and_gradients) if use_graph
+                              else self.loss_and_gradients)
+        self.opt = adam(self.model.parameters(), learning_rate, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=self.amp_dtype == torch.float16)
+
+    # ------------------------------------------------------------ training
+
+    def train(self):
+        """Train from ``self.step`` up to ``train_num_steps`` (Algorithm 1). Ctrl-C saves a
+        checkpoint (the last finished step), says how to resume and raises KeyboardInterrupt
+        again, so a notebook's "Run all" stops there; a file that cannot be written raises
+        SaveError, saying how to resume from the last checkpoint."""
+        if self.step >= self.train_num_steps:
+            print(f"Nothing to train: the model is at step {self.step} and train_num_steps is "
+                  f"{self.train_num_steps}; raise train_num_steps to train on.")
+            return
+        if self.step:
+            print(f"Resuming from step {self.step} of {self.train_num_steps}.")
+        self.model.train()
+        logger = WandbLogger(self.config, self.results_folder)
+        progress = tqdm(initial=self.step, total=self.train_num_steps, desc="training")
+        unread_losses = []  # on the device: reading a loss makes the host wait for the GPU
+        self.last_checkpoint_time = time.monotonic()
+        try:
+            while self.step < self.train_num_steps:
+                # -- one step: the loss and its gradients (a CUDA graph on a GPU), then Adam
+                loss = self.gradient_pass().clone()  # the graph's next replay overwrites it
+                self.scaler.step(self.opt)  # outside the graph, as PyTorch advises for a GradScaler
+                self.scaler.update()
+                self.step += 1
+                progress.update(1)
+                unread_losses.append(loss)
+
+                # -- log: read the losses every log_every steps, at milestones and checkpoints
+                milestone = (self.step % self.save_and_sample_every == 0
+                             or self.step == self.train_num_steps)
+                checkpoint_due = (time.monotonic() - self.last_checkpoint_time
+                                  >= self.checkpoint_seconds)  # every checkpoint_minutes
+                if not (milestone or checkpoint_due or len(unread_losses) == self.log_every):
+                    continue
+                row = self._record_losses(unread_losses, logger)  # logs all but this step
+                unread_losses = []
+                progress.set_postfix(loss=f"{row['loss']:.4f}")
+                if not milestone:
+                    logger.log(self.step, {"loss": row["loss"]})
+                    if checkpoint_due:
+                        self.save()
+                    continue
+
+                # -- milestone: save first, so a failure while sampling or scoring loses nothing
+                self.save()
+                row["fid"], grid_path = self._sample_grid_and_fid()
+                metrics = {key: row[key] for key in ("loss", "fid") if row[key] is not None}
+                logger.log(self.step, metrics, {"img": grid_path})  # one wandb.log per step
+                self.save()  # again, now with this milestone's FID in the history
+                self._write_metrics()
+                self._plot_metrics()
+        except KeyboardInterrupt:
+            self._record_losses(unread_losses, logger)
+            self.save()
+            print(f"\nInterrupted at step {self.step}; checkpoint saved to {self.checkpoint_path}. "
+                  f"{self._resume_hint()}")
+            raise
+        except SaveError as error:
+            if not self.checkpoint_path.is_file():
+                raise
+            raise SaveError(error.path, error.os_error, self._resume_hint()) from None
+        finally:
+            progress.close()
+            logger.finish()
+            if not isinstance(sys.exc_info()[1], SaveError):  # the same disk would hide that error
+                self._write_metrics()
+
+    def loss_and_gradients(self):
+        """The captured step: Algorithm 1's loss on one step's images, and its gradients.
+
+        The batches: ``dl`` draws ``batch_size * gradient_accumulate_every`` images at once (64
+        with the starter's 32 and 2), the starter's ``gradient_accumulate_every`` batches in one
+        pass. The gradient is that of accumulating them one by one, as the starter does: the
+        loss is a mean over images and GroupNorm normalises each image alone.
+
+        On a GPU this method runs as a CUDA graph (``gradient_pass``, see ``CudaGraphed``), and
+        what is written here must keep the graph's rules:
+        * device work only: no host sync (no ``.item()``, ``print(loss)`` or ``if`` on a tensor);
+        * no Python state: this code runs once, at the capture; each replay reruns its kernels on
+          the same tensors, so reassigning ``self.dl`` or a Python number after the first step
+          changes nothing (the random draws still change). Pass ``cuda_graph=False`` to edit
+          freely;
+        * the gradients are reset here, not after the optimizer step, so each replay writes them
+          anew into the tensors Adam reads.
+        Returns the loss, float32 whatever the precision, as a tensor on the device.
+        """
+        self.opt.zero_grad(set_to_none=True)
+        x_0 = next(self.dl)  # the step's batches as one: batch_size * gradient_accumulate_every
+        noise = torch.randn_like(x_0)  # Algorithm 1, line 4
+        with self._autocast():
+            loss = self.model(x_0, noise).float().mean()  # the starter's call
+        self.scaler.scale(loss).backward()
+        return loss.detach()
+
+    def _autocast(self):
+        """Mixed precision, without autocast's weight cache, which a CUDA graph cannot hold
+        (and which saves nothing here: each weight is cast once per forward pass)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype,
+                              enabled=self.amp_dtype is not None, cache_enabled=False)
+
+    def _record_losses(self, losses, logger):
+        """Read the device losses of the last steps, add one history row per step and log every
+        step but the last to wandb; returns the last row. Raises FloatingPointError on a nan."""
+        if not losses:
+            return None
+        values = torch.stack(losses).tolist()
+        first_step = self.step - len(values) + 1
+        bad = [index for index, value in enumerate(values) if not math.isfinite(value)]
+        if bad:
+            raise FloatingPointError(
+                f"The training loss became {values[bad[0]]} at step {first_step + bad[0]}, so "
+                f"training stopped. The last good checkpoint (if any) is {self.checkpoint_path}; "
+                "try a lower learning rate.")
+        rows = [{"step": first_step + i, "loss": value, "fid": None}
+                for i, value in enumerate(values)]
+        self.history.extend(rows)
+        for row in rows[:-1]:
+            logger.log(row["step"], {"loss": row["loss"]})
+        return rows[-1]
+
+    def sample_grid_path(self, step):
+        """The starter's name of the sample grid written after ``step`` steps:
+        ``sample_{milestone}.png``, milestone = (step - 1) // save_and_sample_every."""
+        return self.results_folder / f"sample_{(step - 1) // self.save_and_sample_every}.png"
+
+    def _sample_grid_and_fid(self):
+        """Sample the milestone's grid and, with FID on, score the samples; returns
+        (FID or None, the grid's path)."""
+        count = self.num_fid_samples if self.fid_scorer else self.num_samples
+        with self._autocast():
+            samples = self.model.sample(count).float()
+        self.model.train()  # the skeleton's sample() leaves the model in eval mode
+        grid_path = self.sample_grid_path(self.step)
+        atomic_write(grid_path, lambda file: save_image(
+            samples[:self.num_samples], file, nrow=math.ceil(math.sqrt(self.num_samples)),
+            format="png"))
+        if not self.fid_scorer:
+            return None, grid_path
+        fid = self.fid_scorer.score((samples * 255).round().to(torch.uint8))
+        print(f"step {self.step}: FID {fid:.2f}")
+        return fid, grid_path
+
+    def _write_metrics(self):
+        """Rewrite metrics.csv from the history (this run and the checkpoint it resumed)."""
+        text = io.StringIO()
+        writer = csv.DictWriter(text, METRIC_FIELDS)
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write(self.results_folder / "metrics.csv",
+                     lambda file: file.write(text.getvalue().encode()))
+
+    def _plot_metrics(self):
+        """Redraw loss.png, and fid.png once a milestone has an FID, from the history."""
+        plot_curve([row["step"] for row in self.history], [row["loss"] for row in self.history],
+                   "training loss (L1)", self.results_folder / "loss.png")
+        scored = [row for row in self.history if row["fid"] is not None]
+        if scored:
+            plot_curve([row["step"] for row in scored], [row["fid"] for row in scored],
+                       f"FID ({self.num_fid_samples} samples)", self.results_folder / "fid.png")
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save(self, itrs=None):
+        """Write ``model.pt`` (or ``model_{itrs}.pt``): the starter's ``{"step", "model"}`` plus
+        the optimizer, the scaler, the settings and the metric history, atomically."""
+        checkpoint = {"step": self.step, "model": self.model.state_dict(),
+                      "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                      "settings": self.settings, "history": self.history}
+        name = "model.pt" if itrs is None else f"model_{itrs}.pt"
+        atomic_write(self.results_folder / name, lambda file: torch.save(checkpoint, file))
+        self.last_checkpoint_time = time.monotonic()
+
+    def _resume_hint(self):
+        """The sentence that says how to resume from ``model.pt``."""
+        return (f"Resume with load_path={str(self.checkpoint_path)!r} "
+                f"(main.py: --load_path {self.checkpoint_path}).")
+
+    def load(self, load_path):
+        """Resume from a checkpoint of ``save`` (weights, optimizer, scaler, step and history)
+        or of the starter's trainer (step and weights: the optimizer starts afresh)."""
+        checkpoint = read_checkpoint(load_path, self.device)
+        check_settings(checkpoint.get("settings"), self.settings, load_path)
+        load_network_weights(self.model, checkpoint["model"], load_path)
+        if "optimizer" in checkpoint:
+            self.opt.load_state_dict(checkpoint["optimizer"])
+        else:
+            print(f"{load_path} holds no optimizer state (a starter checkpoint): "
+                  "Adam starts afresh.")
+        if checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.step = checkpoint["step"]
+        self.history = checkpoint.get("history", [])
+
+    # ------------------------------------------------------------ visualisation
+
+    def _timesteps(self, t, batch_size):
+        """A batch of the time step ``t``, as p_sample and q_sample take it."""
+        return torch.full((batch_size,), t, device=self.device, dtype=torch.long)
+
+    def _forward_process(self, x_0, steps):
+        """x_t = q_sample(x_0, t, noise) (eq. 2 with abar_t) at each of ``steps`` and x_T (t = T-1
+        in code), all from one noise draw; returns (frames, x_T)."""
+        noise = torch.randn_like(x_0)
+        frames = [self.model.q_sample(x_0, self._timesteps(t, len(x_0)), noise) for t in steps]
+        last = self.model.num_timesteps - 1
+        return frames, self.model.q_sample(x_0, self._timesteps(last, len(x_0)), noise)
+
+    def _backward_process(self, x_T, steps):
+        """Algorithm 2 by ``p_sample`` from the raw x_T; the states after the reverse steps at
+        each of ``steps``, from the noisiest (largest t) to the last (t = 0)."""
+        frames = []
+        x = x_T
+        for t in reversed(range(self.model.num_timesteps)):
+            x = self.model.p_sample(x, self._timesteps(t, len(x)), t)
+            if t in steps:
+                frames.append(x)
+        return frames
+
+    @torch.no_grad()
+    def visualize_diffusion(self):
+        """Parts 3 and 4: the forward and backward processes of the first training batch.
+
+        Forward: q_sample at t = int(p T) for p in 0, 25, 50, 75, 99 %. Backward: p_sample steps
+        from the raw x_T of that forward process (not clamped or rescaled), shown after the
+        steps at the same t. Saves forward_diffusion.png and backward_diffusion.png, shows them
+        in a notebook, logs them to wandb; returns the two paths.
+        """
+        self.model.eval()
+        steps = [int(fraction * self.model.num_timesteps) for fraction in VISUALIZED_FRACTIONS]
+        x_0 = to_model_range(self.batches.first_batch(self.batch_size))
+        with self._autocast():
+            forward, x_T = self._forward_process(x_0, steps)
+            backward = self._backward_process(x_T, steps)
+        labels = [f"{fraction:.0%}: t = {t}" for fraction, t in zip(VISUALIZED_FRACTIONS, steps)]
+        paths = {}
+        for name, frames, titles in (("forward_diffusion", forward, labels),
+                                     ("backward_diffusion", backward, labels[::-1])):
+            paths[name] = self.results_folder / f"{name}.png"
+            plot_process([to_image_range(x.float()) for x in frames], titles, paths[name])
+            show_in_notebook(paths[name])
+        logger = WandbLogger(self.config, self.results_folder)
+        logger.log(self.step, {}, paths)  # both figures in one wandb.log
+        logger.finish()
+        return paths["forward_diffusion"], paths["backward_diffusion"]
+
+
+# ---------------------------------------------------------- checkpoints and files
 
 
 class SaveError(OSError):
@@ -107,17 +451,79 @@ def atomic_write(path, write):
         temporary.unlink(missing_ok=True)
 
 
-def to_model_range(images):
-    """Map images from [0, 1] to the model's range [-1, 1]."""
-    return images * 2 - 1
+def model_settings(diffusion_model):
+    """The settings a checkpoint must share with the model it is loaded into."""
+    unet = diffusion_model.model  # a U-Net unpickled from the starter's unet.py has no dims
+    return {"image_size": diffusion_model.image_size, "channels": diffusion_model.channels,
+            "timesteps": diffusion_model.num_timesteps, "unet_dim": getattr(unet, "dim", None),
+            "unet_dim_mults": list(getattr(unet, "dim_mults", []))}
 
 
-def to_image_range(x):
-    """Map the model's images back to [0, 1], clamping what the process left outside [-1, 1]."""
-    return ((x + 1) / 2).clamp(0, 1)
+def check_settings(saved, current, path):
+    """Raise ValueError naming every setting where the checkpoint differs from the model.
+
+    A starter checkpoint records no settings; its weights are checked when they are loaded.
+    """
+    mismatched = [f"{key}: checkpoint {saved.get(key)!r}, model {value!r}"
+                  for key, value in current.items() if saved and saved.get(key) != value]
+    if mismatched:
+        raise ValueError(f"Checkpoint {path} does not match the model ({'; '.join(mismatched)}). "
+                         "Build the model with the checkpoint's settings or train a new one.")
+
+
+def read_checkpoint(path, device):
+    """The dict saved by ``Trainer.save`` (ours or the starter's) at ``path``, on ``device``.
+
+    Raises FileNotFoundError when there is no file, ValueError when it is not such a checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path}: train first, or give the path of one.")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch.load raises many kinds for a bad file
+        raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__}); it may be "
+                         "truncated or another kind of file. Pass a model.pt written by training."
+                         ) from None
+    if not isinstance(checkpoint, dict) or not {"step", "model"} <= checkpoint.keys():
+        raise ValueError(f"{path} is not a training checkpoint (it has no 'step' and 'model'). "
+                         "Pass a model.pt written by training.")
+    return checkpoint
+
+
+def load_network_weights(diffusion_model, state_dict, path):
+    """Load the U-Net's weights (the ``model.*`` entries) of a Diffusion state_dict.
+
+    Schedule buffers that a diffusion.py may have saved are skipped: they follow from T.
+    """
+    prefix = "model."
+    weights = {key[len(prefix):]: value for key, value in state_dict.items()
+               if key.startswith(prefix)}
+    try:
+        diffusion_model.model.load_state_dict(weights)
+    except RuntimeError as error:
+        reasons = " ".join(line.strip() for line in str(error).splitlines()[1:3])
+        raise ValueError(f"The weights in {path} do not fit this U-Net: {reasons} Use the "
+                         "unet_dim and unet_dim_mults it was trained with.") from None
+
+
+def move_to_device(diffusion_model, device):
+    """``diffusion_model.to(device)``, and also the schedule tensors that a diffusion.py keeps as
+    plain attributes rather than buffers (the skeleton allows it), which ``.to`` leaves behind."""
+    diffusion_model.to(device)
+    for name, value in list(vars(diffusion_model).items()):
+        if isinstance(value, torch.Tensor):
+            setattr(diffusion_model, name, value.to(device))
+    return diffusion_model
 
 
 # ---------------------------------------------------------------- data
+
+
+def default_cache_folder():
+    """Where decoded images and FID statistics are kept: shared by every results folder (Parts
+    1, 2 and 5 decode once between them), in the user's cache (``$XDG_CACHE_HOME``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "a3_ddpm"
 
 
 def download_hint(folder):
@@ -151,6 +557,11 @@ class ImageSet:
 
     def __len__(self):
         return len(self.train)
+
+    def __getitem__(self, index):
+        """Image ``index`` as the starter's Dataset gives it without augmentation (resized to
+        image_size, ToTensor's range): a float tensor (3, image_size, image_size) in [0, 1]."""
+        return self.reference[index].float() / 255
 
 
 def find_class_root(folder):
@@ -215,6 +626,7 @@ def decode_image(path, sizes):
 
 
 def _decode_or_error(path, sizes):
+    """``decode_image``, or the exception it raised, so that one bad file skips only itself."""
     try:
         return decode_image(path, sizes)
     except Exception as error:  # noqa: BLE001 - PIL's decoders raise many kinds on hostile files
@@ -343,6 +755,7 @@ class DeviceBatches:
         self.channels = torch.arange(images.shape[1], device=device).view(1, -1, 1, 1)
 
     def _indices(self):
+        """The batch's image indices: random, or the next ones in file order (a device tensor)."""
         count = len(self.images)
         if self.shuffle:
             return torch.randint(count, (self.batch_size,), device=self.images.device)
@@ -383,6 +796,16 @@ def endless_batches(batches):
         yield to_model_range(batches.next_batch())
 
 
+def to_model_range(images):
+    """Map images from [0, 1] to the model's range [-1, 1]."""
+    return images * 2 - 1
+
+
+def to_image_range(x):
+    """Map the model's images back to [0, 1], clamping what the process left outside [-1, 1]."""
+    return ((x + 1) / 2).clamp(0, 1)
+
+
 # ---------------------------------------------------------------- FID
 
 
@@ -408,12 +831,6 @@ class FidScorer:
         self.feature_extractor = feature_extractor
         self.reference = None
 
-    def _extractor(self):
-        if self.feature_extractor is None:
-            self.feature_extractor = build_feature_extractor(
-                "clean", self.device, use_dataparallel=False)
-        return self.feature_extractor
-
     def _statistics(self, images, folder):
         """Mean and covariance of the features of uint8 images, saved as PNGs in ``folder``."""
         shutil.rmtree(folder, ignore_errors=True)
@@ -421,8 +838,11 @@ class FidScorer:
             folder.mkdir(parents=True)
             for index, image in enumerate(images):
                 Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{index:05d}.png")
+        if self.feature_extractor is None:  # built at the first use, as it may be downloaded
+            self.feature_extractor = build_feature_extractor(
+                "clean", self.device, use_dataparallel=False)
         features = clean_fid.get_folder_features(
-            str(folder), self._extractor(), num_workers=self.workers, device=self.device,
+            str(folder), self.feature_extractor, num_workers=self.workers, device=self.device,
             mode="clean", verbose=False)
         return features.mean(axis=0), np.cov(features, rowvar=False)
 
@@ -431,19 +851,14 @@ class FidScorer:
         file, else computed and cached (a damaged cache file is computed afresh)."""
         if self.reference is None:
             statistics = read_cache(self.cache_file, read_fid_statistics)
-            if statistics is None:
-                statistics = self._computed_reference_statistics()
+            if statistics is None:  # PNGs in a temporary folder: the cache may not be writable
+                with tempfile.TemporaryDirectory() as folder:
+                    statistics = self._statistics(self.reference_images, Path(folder) / "images")
+                write_cache(self.cache_file, lambda file: np.savez(
+                    file, mu=statistics[0], sigma=statistics[1]))
             mu, sigma = statistics
             self.reference = mu, sigma, psd_sqrt(sigma)
         return self.reference
-
-    def _computed_reference_statistics(self):
-        """(mu, sigma) of the reference images' features, written to the cache file. Their PNGs
-        go to the system's temporary folder, as the cache folder may not be writable."""
-        with tempfile.TemporaryDirectory() as folder:
-            mu, sigma = self._statistics(self.reference_images, Path(folder) / "reference")
-        write_cache(self.cache_file, lambda file: np.savez(file, mu=mu, sigma=sigma))
-        return mu, sigma
 
     def score(self, images):
         """FID of uint8 images (N, 3, S, S) against the reference statistics."""
@@ -495,8 +910,10 @@ def fid_worker_count(requested):
 
 
 def extractor_name(feature_extractor):
-    """The part of the FID cache name that tells feature extractors apart."""
-    if feature_extractor is None:
+    """The part of the FID cache name that tells feature extractors apart: "inception" for
+    clean-fid's own, whether built here or passed in (main.py builds it to check --fid)."""
+    if (feature_extractor is None
+            or getattr(feature_extractor, "__module__", "") == "cleanfid.features"):
         return "inception"
     return getattr(feature_extractor, "__name__", type(feature_extractor).__name__)
 
@@ -552,6 +969,7 @@ class WandbLogger:
         self.run.log({**metrics, **pictures}, step=step)
 
     def finish(self):
+        """End the wandb run (wandb syncs it), if one started."""
         if self.run is not None:
             self.run.finish()
 
@@ -594,75 +1012,16 @@ def show_in_notebook(path):
         display(NotebookImage(filename=str(path)))
 
 
-# ---------------------------------------------------------------- CUDA graph
+# ------------------------------------------------ devices, precision and the CUDA graph
 
 
-class CudaGraphed:
-    """``function()`` run as a CUDA graph: the first call captures it, later calls replay it.
-
-    The U-Net of the handout is so small that a GPU finishes each of its kernels sooner than
-    Python can launch the next one; replaying a captured graph launches the thousands of
-    kernels of a training step at once. ``function`` must be device work only, with no host
-    sync and no Python state that changes between calls. Its random draws still change at
-    every replay (PyTorch's graph-safe RNG), and its output tensor is overwritten by the next
-    replay. If the capture fails, a warning gives the reason and ``function`` runs eagerly.
-    """
-
-    WARMUP_CALLS = 3  # cuDNN and cuBLAS pick kernels and allocate workspaces before the capture
-
-    def __init__(self, function):
-        self.function = function
-        self.graph = None
-        self.output = None
-        self.failed = False
-
-    def __call__(self):
-        if self.failed:
-            return self.function()
-        if self.graph is None:
-            try:
-                self._capture()
-            except RuntimeError as error:
-                self.failed = True
-                warnings.warn(f"CUDA graph capture failed, so training goes on without it: {error}",
-                              stacklevel=2)
-                return self.function()
-        self.graph.replay()
-        return self.output
-
-    def _capture(self):
-        """Warm up on a side stream, then record one call of ``function`` on it."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(self.WARMUP_CALLS):
-                self.function()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            self.output = self.function()
-        self.graph = graph
-
-
-# ---------------------------------------------------------------- trainer
-
-
-def default_cache_folder():
-    """Where decoded images and FID statistics are kept: shared by every results folder (Parts
-    1, 2 and 5 decode once between them), in the user's cache (``$XDG_CACHE_HOME``)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "a3_ddpm"
-
-
-def default_device():
+def default_device():  # the same as Part A's a3_helper.pick_device, as each part ships alone
     """The starter's choice: CUDA, else Apple's MPS, else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # name -> autocast dtype
 
 
 def cpu_has_native_bf16():
@@ -701,435 +1060,63 @@ def adam(parameters, learning_rate, device):
     return torch.optim.Adam(parameters, lr=learning_rate, fused=device.type == "cuda")
 
 
-def move_to_device(diffusion_model, device):
-    """``diffusion_model.to(device)``, and also the schedule tensors that a diffusion.py keeps as
-    plain attributes rather than buffers (the skeleton allows it), which ``.to`` leaves behind."""
-    diffusion_model.to(device)
-    for name, value in list(vars(diffusion_model).items()):
-        if isinstance(value, torch.Tensor):
-            setattr(diffusion_model, name, value.to(device))
-    return diffusion_model
-
-
-def model_settings(diffusion_model):
-    """The settings a checkpoint must share with the model it is loaded into."""
-    unet = diffusion_model.model  # a U-Net unpickled from the starter's unet.py has no dims
-    return {"image_size": diffusion_model.image_size, "channels": diffusion_model.channels,
-            "timesteps": diffusion_model.num_timesteps, "unet_dim": getattr(unet, "dim", None),
-            "unet_dim_mults": list(getattr(unet, "dim_mults", []))}
-
-
-def check_settings(saved, current, path):
-    """Raise ValueError naming every setting where the checkpoint differs from the model.
-
-    A starter checkpoint records no settings; its weights are checked when they are loaded.
-    """
-    mismatched = [f"{key}: checkpoint {saved.get(key)!r}, model {value!r}"
-                  for key, value in current.items() if saved and saved.get(key) != value]
-    if mismatched:
-        raise ValueError(f"Checkpoint {path} does not match the model ({'; '.join(mismatched)}). "
-                         "Build the model with the checkpoint's settings or train a new one.")
-
-
-def read_checkpoint(path, device):
-    """The dict saved by ``Trainer.save`` (ours or the starter's) at ``path``, on ``device``.
-
-    Raises FileNotFoundError when there is no file, ValueError when it is not such a checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint at {path}: train first, or give the path of one.")
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # noqa: BLE001 - torch.load raises many kinds for a bad file
-        raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__}); it may be "
-                         "truncated or another kind of file. Pass a model.pt written by training."
-                         ) from None
-    if not isinstance(checkpoint, dict) or not {"step", "model"} <= checkpoint.keys():
-        raise ValueError(f"{path} is not a training checkpoint (it has no 'step' and 'model'). "
-                         "Pass a model.pt written by training.")
-    return checkpoint
-
-
-def load_network_weights(diffusion_model, state_dict, path):
-    """Load the U-Net's weights (the ``model.*`` entries) of a Diffusion state_dict.
-
-    Schedule buffers that a diffusion.py may have saved are skipped: they follow from T.
-    """
-    prefix = "model."
-    weights = {key[len(prefix):]: value for key, value in state_dict.items()
-               if key.startswith(prefix)}
-    try:
-        diffusion_model.model.load_state_dict(weights)
-    except RuntimeError as error:
-        reasons = " ".join(line.strip() for line in str(error).splitlines()[1:3])
-        raise ValueError(f"The weights in {path} do not fit this U-Net: {reasons} Use the "
-                         "unet_dim and unet_dim_mults it was trained with.") from None
-
-
 def require_positive(**values):
+    """Raise ValueError naming the first of the counts (name=value) below 1."""
     for name, value in values.items():
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}.")
 
 
-class Trainer:
-    """Trains a Diffusion model (Algorithm 1) on the images of ``folder`` and evaluates it.
+def require_above_zero(**values):
+    """Raise ValueError naming the first amount (name=value) that is not above 0."""
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}.")
 
-    The starter's arguments and attributes: ``model`` (the Diffusion), ``ds`` (the images),
-    ``dl`` (endless batches in [-1, 1]), ``opt`` (Adam), ``step`` (steps done), ``batch_size``,
-    ``image_size``, ``gradient_accumulate_every``, ``train_num_steps``, ``save_and_sample_every``,
-    ``results_folder``, ``fid``, ``device``; ``dataset="train"`` turns augmentation on.
-    Every ``save_and_sample_every`` steps and at the end: the checkpoint ``model.pt``, a sample
-    grid ``sample_{milestone}.png``, ``loss.png`` and ``metrics.csv`` (plus ``fid.png`` with
-    ``fid=True``). The loss of every step is logged, read from the device every ``log_every``
-    steps.
 
-    Beyond the starter's arguments: ``image_set`` an ``ImageSet`` to use instead of reading
-    ``folder``; ``fid_feature_extractor`` replaces clean-fid's Inception (see ``FidScorer``);
-    ``num_fid_samples`` (512, the course protocol); ``num_samples`` in the sample grid;
-    ``precision`` ("auto", "fp32", "bf16" or "fp16", see ``autocast_dtype``); ``cuda_graph``
-    (see ``CudaGraphed``; GPU only); ``cache_folder`` for decoded images and FID statistics.
-    ``dataloader_workers`` caps the decoding threads and clean-fid's workers at the CPU count.
-    ``checkpoint_minutes``: ``model.pt`` is also written after any step that ends that many
-    minutes of wall-clock time after the last checkpoint, so a kill (a Colab disconnect) loses
-    at most that much training; the milestones' outputs are the same.
+class CudaGraphed:
+    """``function()`` run as a CUDA graph: the first call captures it, later calls replay it.
+
+    The U-Net of the handout is so small that a GPU finishes each of its kernels sooner than
+    Python can launch the next one; replaying a captured graph launches the thousands of
+    kernels of a training step at once. ``function`` must keep the rules stated at
+    ``Trainer.loss_and_gradients``. Its random draws still change at every replay (PyTorch's
+    graph-safe RNG), and its output tensor is overwritten by the next replay. If the capture
+    fails, a warning gives the reason and ``function`` runs eagerly.
     """
 
-    def __init__(self, diffusion_model, folder, *, dataloader_workers=16, image_size=32,
-                 train_batch_size=32, train_lr=1e-3, train_num_steps=10000,
-                 gradient_accumulate_every=2, save_and_sample_every=1000,
-                 results_folder="./results", load_path=None, dataset=None, shuffle=True,
-                 data_class=None, device=None, fid=False, image_set=None,
-                 fid_feature_extractor=None, num_fid_samples=512, num_samples=25, log_every=10,
-                 cuda_graph=True, cache_folder=None, precision="auto",
-                 checkpoint_minutes=CHECKPOINT_MINUTES):
-        require_positive(train_batch_size=train_batch_size,
-                         save_and_sample_every=save_and_sample_every,
-                         gradient_accumulate_every=gradient_accumulate_every,
-                         log_every=log_every, num_samples=num_samples,
-                         num_fid_samples=num_fid_samples)
-        if not checkpoint_minutes > 0:
-            raise ValueError(f"checkpoint_minutes must be positive, got {checkpoint_minutes}.")
-        if image_size != diffusion_model.image_size:
-            raise ValueError(f"image_size={image_size} but the model makes "
-                             f"{diffusion_model.image_size}px images; pass the same size to both.")
-        self.device = torch.device(device) if device is not None else default_device()
-        self.model = move_to_device(diffusion_model, self.device)
-        self.settings = model_settings(diffusion_model)
-        self.image_size = image_size
-        self.batch_size = train_batch_size
-        self.train_num_steps = train_num_steps
-        self.gradient_accumulate_every = gradient_accumulate_every
-        self.save_and_sample_every = save_and_sample_every
-        self.data_class = data_class
-        self.fid = fid
-        self.train_folder = folder
-        self.cache_folder = Path(cache_folder) if cache_folder is not None else default_cache_folder()
-        self.log_every = log_every
-        self.num_samples = num_samples
-        self.num_fid_samples = num_fid_samples
-        self.results_folder = Path(results_folder)
-        with reported_write_errors(self.results_folder):
-            self.results_folder.mkdir(parents=True, exist_ok=True)
-        self.checkpoint_path = self.results_folder / "model.pt"
-        self.checkpoint_seconds = 60 * checkpoint_minutes
-        self.last_checkpoint_time = time.monotonic()
-        self.config = {**self.settings, "data_class": data_class, "batch_size": train_batch_size,
-                       "learning_rate": train_lr, "train_num_steps": train_num_steps, "fid": fid}
-        self._prepare_optimization(train_lr, cuda_graph, precision)
-        self.step = 0
-        self.history = []
-        if load_path is not None:
-            self.load(load_path)  # before the data, so a bad checkpoint fails before decoding
+    WARMUP_CALLS = 3  # cuDNN and cuBLAS pick kernels and allocate workspaces before the capture
 
-        # The gradient_accumulate_every batches of a step are drawn as one (_compute_gradients).
-        images_per_step = train_batch_size * gradient_accumulate_every
-        self._prepare_data(image_set, images_per_step, shuffle, augment=dataset == "train",
-                           workers=dataloader_workers)
-        self.fid_scorer = None
-        if fid:
-            self.fid_scorer = self._make_fid_scorer(fid_feature_extractor, dataloader_workers)
+    def __init__(self, function):
+        self.function = function
+        self.graph = None
+        self.output = None
+        self.failed = False
 
-    def _prepare_data(self, image_set, batch_size, shuffle, augment, workers):
-        """Decoded images (``image_set``, or the cache of ``train_folder``) and their batches."""
-        decode_threads = max(1, min(workers, os.cpu_count() or 1))
-        self.ds = image_set if image_set is not None else load_image_set(
-            self.train_folder, self.data_class, self.image_size, self.cache_folder,
-            decode_threads)
-        print(f"dataset length: {len(self.ds)}, dataset class: {self.data_class}")
-        self.batches = DeviceBatches(self.ds.train, self.image_size, batch_size, shuffle,
-                                     self.device, augment)
-        self.dl = endless_batches(self.batches)
+    def __call__(self):
+        """Replay the graph (capturing it at the first call), or run ``function`` if it failed."""
+        if self.failed:
+            return self.function()
+        if self.graph is None:
+            try:
+                self._capture()
+            except RuntimeError as error:
+                self.failed = True
+                warnings.warn(f"CUDA graph capture failed, so training goes on without it: {error}",
+                              stacklevel=2)
+                return self.function()
+        self.graph.replay()
+        return self.output
 
-    def _make_fid_scorer(self, feature_extractor, workers):
-        name = (f"fid_{extractor_name(feature_extractor)}_{self.data_class or 'all'}_"
-                f"{self.image_size}px_{self.ds.key}.npz")
-        return FidScorer(self.ds.reference, self.cache_folder / name,
-                         self.results_folder / "fid_samples", self.device,
-                         fid_worker_count(workers), feature_extractor)
-
-    def _prepare_optimization(self, learning_rate, cuda_graph, precision):
-        """Adam, mixed precision (with a GradScaler for fp16) and the optional speed-ups."""
-        use_graph = cuda_graph and self.device.type == "cuda"
-        self.compute_gradients = (CudaGraphed(self._compute_gradients) if use_graph
-                                  else self._compute_gradients)
-        self.opt = adam(self.model.parameters(), learning_rate, self.device)
-        self.amp_dtype = autocast_dtype(self.device, precision)
-        self.scaler = torch.amp.GradScaler(self.device.type,
-                                           enabled=self.amp_dtype == torch.float16)
-
-    # ------------------------------------------------------------ checkpoints
-
-    def save(self, itrs=None):
-        """Write ``model.pt`` (or ``model_{itrs}.pt``): the starter's ``{"step", "model"}`` plus
-        the optimizer, the scaler, the settings and the metric history, atomically."""
-        checkpoint = {"step": self.step, "model": self.model.state_dict(),
-                      "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
-                      "settings": self.settings, "history": self.history}
-        name = "model.pt" if itrs is None else f"model_{itrs}.pt"
-        atomic_write(self.results_folder / name, lambda file: torch.save(checkpoint, file))
-        self.last_checkpoint_time = time.monotonic()
-
-    def _checkpoint_due(self):
-        """Whether ``checkpoint_minutes`` have passed since the last checkpoint."""
-        return time.monotonic() - self.last_checkpoint_time >= self.checkpoint_seconds
-
-    def _resume_hint(self):
-        return (f"Resume with load_path={str(self.checkpoint_path)!r} "
-                f"(main.py: --load_path {self.checkpoint_path}).")
-
-    def load(self, load_path):
-        """Resume from a checkpoint of ``save`` (weights, optimizer, scaler, step and history)
-        or of the starter's trainer (step and weights: the optimizer starts afresh)."""
-        checkpoint = read_checkpoint(load_path, self.device)
-        check_settings(checkpoint.get("settings"), self.settings, load_path)
-        load_network_weights(self.model, checkpoint["model"], load_path)
-        if "optimizer" in checkpoint:
-            self.opt.load_state_dict(checkpoint["optimizer"])
-        else:
-            print(f"{load_path} holds no optimizer state (a starter checkpoint): "
-                  "Adam starts afresh.")
-        if checkpoint.get("scaler"):
-            self.scaler.load_state_dict(checkpoint["scaler"])
-        self.step = checkpoint["step"]
-        self.history = checkpoint.get("history", [])
-
-    # ------------------------------------------------------------ training
-
-    def _autocast(self):
-        """Mixed precision, without autocast's weight cache, which a CUDA graph cannot hold
-        (and which saves nothing here: each weight is cast once per forward pass)."""
-        return torch.autocast(self.device.type, dtype=self.amp_dtype,
-                              enabled=self.amp_dtype is not None, cache_enabled=False)
-
-    def _compute_gradients(self):
-        """The gradients of Algorithm 1's loss on one step's ``gradient_accumulate_every`` batches.
-
-        As in the starter, the noise is drawn here and the loss is ``model(x_0, noise)``. The
-        step's batches go through the model as one (``dl`` draws them together): the loss is a
-        mean over images and GroupNorm normalises each image alone, so the gradient is the
-        starter's accumulation of them one by one, in half the passes. The loss is float32
-        whatever the precision of the passes.
-        The gradients are reset first rather than after the optimizer step, so that in a CUDA
-        graph each replay writes them anew into the tensors the optimizer reads.
-        Returns the loss as a tensor on the device (reading it would stall the GPU).
-        """
-        self.opt.zero_grad(set_to_none=True)
-        x_0 = next(self.dl)
-        noise = torch.randn_like(x_0)  # Algorithm 1, line 4
-        with self._autocast():
-            loss = self.model(x_0, noise).float().mean()
-        self.scaler.scale(loss).backward()
-        return loss.detach()
-
-    def _train_step(self):
-        """One optimizer step of Algorithm 1; returns its mean loss as a tensor on the device.
-        The gradients may come from a CUDA graph (``CudaGraphed``), whose output the next
-        replay overwrites, hence the copy; the optimizer step stays outside the graph, as
-        PyTorch advises for a GradScaler."""
-        loss = self.compute_gradients().clone()
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        return loss
-
-    def _at_milestone(self):
-        return self.step % self.save_and_sample_every == 0 or self.step == self.train_num_steps
-
-    def sample_grid_path(self, step):
-        """The starter's name of the sample grid written after ``step`` steps:
-        ``sample_{milestone}.png``, milestone = (step - 1) // save_and_sample_every."""
-        return self.results_folder / f"sample_{(step - 1) // self.save_and_sample_every}.png"
-
-    def train(self):
-        """Train from ``self.step`` up to ``train_num_steps``.
-
-        Ctrl-C saves a checkpoint (the weights of the last finished step), says how to resume,
-        and raises KeyboardInterrupt again, so a notebook's "Run all" stops there. A file that
-        cannot be written raises SaveError, saying how to resume from the last checkpoint.
-        """
-        if self.step >= self.train_num_steps:
-            print(f"Nothing to train: the model is at step {self.step} and train_num_steps is "
-                  f"{self.train_num_steps}; raise train_num_steps to train on.")
-            return
-        if self.step:
-            print(f"Resuming from step {self.step} of {self.train_num_steps}.")
-        self.model.train()
-        logger = WandbLogger(self.config, self.results_folder)
-        progress = tqdm(initial=self.step, total=self.train_num_steps, desc="training")
-        unread_losses = []
-        self.last_checkpoint_time = time.monotonic()
-        try:
-            while self.step < self.train_num_steps:
-                unread_losses.append(self._train_step())
-                self.step += 1
-                progress.update(1)
-                checkpoint_due = self._checkpoint_due()
-                if self._at_milestone() or len(unread_losses) == self.log_every or checkpoint_due:
-                    losses, unread_losses = unread_losses, []
-                    self._log(losses, logger, progress)
-                if self._checkpoint_due():  # not at a milestone, which has just saved
-                    self.save()
-        except KeyboardInterrupt:
-            self._record_losses(unread_losses, logger)
-            self.save()
-            print(f"\nInterrupted at step {self.step}; checkpoint saved to {self.checkpoint_path}. "
-                  f"{self._resume_hint()}")
-            raise
-        except SaveError as error:
-            if not self.checkpoint_path.is_file():
-                raise
-            raise SaveError(error.path, error.os_error, self._resume_hint()) from None
-        finally:
-            progress.close()
-            logger.finish()
-            if not isinstance(sys.exc_info()[1], SaveError):  # the same disk would hide that error
-                self._write_metrics()
-
-    def _record_losses(self, losses, logger):
-        """Read the device losses of the last steps, add one history row per step and log every
-        step but the last to wandb; returns the last row. Raises FloatingPointError on a nan."""
-        if not losses:
-            return None
-        values = torch.stack(losses).tolist()
-        first_step = self.step - len(values) + 1
-        bad = [index for index, value in enumerate(values) if not math.isfinite(value)]
-        if bad:
-            raise FloatingPointError(
-                f"The training loss became {values[bad[0]]} at step {first_step + bad[0]}, so "
-                f"training stopped. The last good checkpoint (if any) is {self.checkpoint_path}; "
-                "try a lower learning rate.")
-        rows = [{"step": first_step + i, "loss": value, "fid": None}
-                for i, value in enumerate(values)]
-        self.history.extend(rows)
-        for row in rows[:-1]:
-            logger.log(row["step"], {"loss": row["loss"]})
-        return rows[-1]
-
-    def _log(self, losses, logger, progress):
-        """Record the losses of the last steps; at a milestone also sample, score and save.
-        One wandb.log per step: the last one carries the grid (``img``) and the ``fid``."""
-        row = self._record_losses(losses, logger)
-        progress.set_postfix(loss=f"{row['loss']:.4f}")
-        milestone = self._at_milestone()
-        images = {}
-        if milestone:
-            row["fid"], images = self._milestone()
-        logger.log(self.step, {key: row[key] for key in ("loss", "fid") if row[key] is not None},
-                   images)
-        if milestone:
-            self.save()  # again, now with this milestone's FID in the history
-            self._write_metrics()
-            self._plot_metrics()
-
-    def _milestone(self):
-        """Save, then sample a grid (and score FID): a failure while sampling or scoring loses
-        no training. Returns (fid or None, {wandb name: image path})."""
-        self.save()
-        count = self.num_fid_samples if self.fid_scorer else self.num_samples
-        with self._autocast():
-            samples = self.model.sample(count).float()
-        self.model.train()  # the skeleton's sample() leaves the model in eval mode
-        grid_path = self.sample_grid_path(self.step)
-        atomic_write(grid_path, lambda file: save_image(
-            samples[:self.num_samples], file, nrow=math.ceil(math.sqrt(self.num_samples)),
-            format="png"))
-        fid = None
-        if self.fid_scorer:
-            fid = self.fid_scorer.score((samples * 255).round().to(torch.uint8))
-            print(f"step {self.step}: FID {fid:.2f}")
-        return fid, {"img": grid_path}
-
-    def _write_metrics(self):
-        """Rewrite metrics.csv from the history (this run and the checkpoint it resumed)."""
-        text = io.StringIO()
-        writer = csv.DictWriter(text, METRIC_FIELDS)
-        writer.writeheader()
-        writer.writerows(self.history)
-        atomic_write(self.results_folder / "metrics.csv",
-                     lambda file: file.write(text.getvalue().encode()))
-
-    def _plot_metrics(self):
-        plot_curve([row["step"] for row in self.history], [row["loss"] for row in self.history],
-                   "training loss (L1)", self.results_folder / "loss.png")
-        scored = [row for row in self.history if row["fid"] is not None]
-        if scored:
-            plot_curve([row["step"] for row in scored], [row["fid"] for row in scored],
-                       f"FID ({self.num_fid_samples} samples)", self.results_folder / "fid.png")
-
-    # ------------------------------------------------------------ visualisation
-
-    def _timesteps(self, t, batch_size):
-        return torch.full((batch_size,), t, device=self.device, dtype=torch.long)
-
-    def _forward_process(self, x_0, steps):
-        """x_t = q_sample(x_0, t, noise) (eq. 2 with abar_t) at each of ``steps`` and x_T (t = T-1
-        in code), all from one noise draw; returns (frames, x_T)."""
-        noise = torch.randn_like(x_0)
-        frames = [self.model.q_sample(x_0, self._timesteps(t, len(x_0)), noise) for t in steps]
-        last = self.model.num_timesteps - 1
-        return frames, self.model.q_sample(x_0, self._timesteps(last, len(x_0)), noise)
-
-    def _backward_process(self, x_T, steps):
-        """Algorithm 2 by ``p_sample`` from the raw x_T; the states after the reverse steps at
-        each of ``steps``, from the noisiest (largest t) to the last (t = 0)."""
-        frames = []
-        x = x_T
-        for t in reversed(range(self.model.num_timesteps)):
-            x = self.model.p_sample(x, self._timesteps(t, len(x)), t)
-            if t in steps:
-                frames.append(x)
-        return frames
-
-    @torch.no_grad()
-    def visualize_diffusion(self):
-        """Parts 3 and 4: the forward and backward processes of the first training batch.
-
-        Forward: q_sample at t = int(p T) for p in 0, 25, 50, 75, 99 %. Backward: p_sample steps
-        from the raw x_T of that forward process (not clamped or rescaled), shown after the
-        steps at the same t. Saves forward_diffusion.png and backward_diffusion.png, shows them
-        in a notebook, logs them to wandb; returns the two paths.
-        """
-        self.model.eval()
-        steps = [int(fraction * self.model.num_timesteps) for fraction in VISUALIZED_FRACTIONS]
-        x_0 = to_model_range(self.batches.first_batch(self.batch_size))
-        with self._autocast():
-            forward, x_T = self._forward_process(x_0, steps)
-            backward = self._backward_process(x_T, steps)
-        labels = [f"{fraction:.0%}: t = {t}" for fraction, t in zip(VISUALIZED_FRACTIONS, steps)]
-        paths = {"forward_diffusion": self.results_folder / "forward_diffusion.png",
-                 "backward_diffusion": self.results_folder / "backward_diffusion.png"}
-        plot_process([to_image_range(x.float()) for x in forward], labels,
-                     paths["forward_diffusion"])
-        plot_process([to_image_range(x.float()) for x in backward], labels[::-1],
-                     paths["backward_diffusion"])
-        self._publish(paths)
-        return paths["forward_diffusion"], paths["backward_diffusion"]
-
-    def _publish(self, figures):
-        """Show figures (name -> PNG path) in a notebook and log them to wandb in one call."""
-        for path in figures.values():
-            show_in_notebook(path)
-        logger = WandbLogger(self.config, self.results_folder)
-        logger.log(self.step, {}, figures)
-        logger.finish()
+    def _capture(self):
+        """Warm up on a side stream, then record one call of ``function`` on it."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(self.WARMUP_CALLS):
+                self.function()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            self.output = self.function()
+        self.graph = graph

@@ -45,6 +45,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import trainer as trainer_module  # noqa: E402
 import utils  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
+from main import SYNTHETIC_COLOURS, synthetic_image  # noqa: E402
 from unet import Unet  # noqa: E402
 
 HANDOUT = dict(image_size=32, batch_size=32, time_steps=50, unet_dim=16)
@@ -90,7 +91,7 @@ def write_cat(args):
     as large, and as slow to decode, as an AFHQ photo (a plain blob compresses to almost nothing)."""
     folder, index = args
     rng = np.random.default_rng(index)
-    blob = np.asarray(utils.synthetic_image(rng, 512, utils.SYNTHETIC_COLOURS["cat"]), dtype=float)
+    blob = np.asarray(synthetic_image(rng, 512, SYNTHETIC_COLOURS["cat"]), dtype=float)
     grainy = (blob + rng.normal(0, 12, blob.shape)).clip(0, 255).astype(np.uint8)
     Image.fromarray(grainy).save(folder / f"cat_{index:05d}.png")
 
@@ -155,13 +156,21 @@ def build_trainer(image_set, results, device, **options):
                                   results_folder=results, device=device, **options)
 
 
+def train_step(trainer):
+    """One step of ``Trainer.train``: its gradient pass (a CUDA graph on a GPU), then Adam."""
+    loss = trainer.gradient_pass().clone()
+    trainer.scaler.step(trainer.opt)
+    trainer.scaler.update()
+    return loss
+
+
 def steady_losses(trainer, steps, device):
     """(seconds, losses) of ``steps`` training steps after a warm-up (cuDNN's choices, the CUDA
     graph's capture); the losses are read once, at the end."""
     trainer.model.train()
     for _ in range(WARMUP_STEPS):
-        trainer._train_step()
-    seconds, losses = timed(lambda: [trainer._train_step() for _ in range(steps)], device)
+        train_step(trainer)
+    seconds, losses = timed(lambda: [train_step(trainer) for _ in range(steps)], device)
     return seconds, torch.stack(losses).tolist()
 
 
@@ -173,7 +182,7 @@ def time_precision_options(image_set, results, device, args, figures):
         figures[f"train_steps_per_s[{name}]"] = round(args.timed_steps / seconds, 2)
         figures[f"train_loss[{name}]"] = round(sum(losses) / len(losses), 4)
         if device.type == "cuda":
-            graphed = getattr(trainer.compute_gradients, "graph", None) is not None
+            graphed = getattr(trainer.gradient_pass, "graph", None) is not None
             figures[f"train_cuda_graph_captured[{name}]"] = graphed
 
 
@@ -188,7 +197,7 @@ def precision_trains_the_same(image_set, results, device, figures, steps=300, la
     for precision in ("fp32", mixed):
         trainer = build_trainer(image_set, results / "precision", device, precision=precision)
         trainer.model.train()
-        losses = [trainer._train_step() for _ in range(steps)]
+        losses = [train_step(trainer) for _ in range(steps)]
         means[precision] = torch.stack(losses[-last:]).mean().item()
         figures[f"mean_loss_of_steps_{steps - last + 1}_to_{steps}[{precision}]"] = round(
             means[precision], 4)

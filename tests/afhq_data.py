@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from utils import write_synthetic_afhq
+from main import write_synthetic_afhq
 
 
 def make_afhq_folder(root, classes=("cat", "dog", "wild"), per_class=8, size=512, corrupt=1,

@@ -9,7 +9,7 @@ Only the skeleton's public names are used: ``extract``, ``cosine_schedule``,
 with ``model``, ``image_size``, ``channels``, ``num_timesteps``, ``noise_like``, ``q_sample``,
 ``p_losses``, ``p_sample``, ``p_sample_loop``, ``sample`` and ``forward``. Noise is always
 passed explicitly, the schedule may be plain tensors or buffers, and values are compared in
-float32 to 1e-4 relative, against the handout's math (typos corrected as in SPEC.md) computed
+float32 to 1e-4 relative, against the handout's math (typos corrected, see ``Handout``) computed
 below in float64. The network is a stub whose prediction is known, and ``noise_like`` is
 replaced by zeros, ones or a seeded generator, as the course's graders do.
 Time steps are 0-based: t = 0 .. T-1 in code is the handout's 1 .. T.
@@ -70,7 +70,7 @@ def load_diffusion_file(path):
 
 
 class Handout:
-    """The handout's math with its typos corrected (SPEC.md, "Math"), in float64.
+    """The handout's math with its typos corrected (listed below), in float64.
 
     Written for these tests alone, as the expected values: eq. (3) for alpha_t, eq. (6)'s abar_t
     as the running product of the clipped alphas, eq. (7)'s posterior with sqrt(alpha_t) on x_t,

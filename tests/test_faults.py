@@ -19,7 +19,7 @@ from diffusion import Diffusion
 from test_fid import CountingExtractor
 from trainer import SaveError, Trainer, decode_images, load_image_set
 from unet import Unet
-from utils import train_diffusion, write_synthetic_afhq
+from utils import train_diffusion
 
 IMAGE_SIZE = 16
 PER_CLASS = 4
@@ -33,14 +33,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:Skipping unreadable image:UserWa
 @pytest.fixture(scope="module")
 def afhq(tmp_path_factory):
     """Four small blob cats, readable by every test."""
-    return write_synthetic_afhq(tmp_path_factory.mktemp("afhq"), classes=("cat",),
+    return main.write_synthetic_afhq(tmp_path_factory.mktemp("afhq"), classes=("cat",),
                                 per_class=PER_CLASS, size=24)
 
 
 @pytest.fixture
 def cats(tmp_path):
     """A cat folder of this test's own, to add hostile files to; returns (class root, cat/)."""
-    root = write_synthetic_afhq(tmp_path / "data", classes=("cat",), per_class=PER_CLASS, size=24)
+    root = main.write_synthetic_afhq(tmp_path / "data", classes=("cat",), per_class=PER_CLASS,
+                                     size=24)
     return root, root / "cat"
 
 
@@ -343,7 +344,7 @@ def minutes_per_step(monkeypatch, trainer, kill_at_step=None):
     clock = {"minutes": 0}
     monkeypatch.setattr(trainer_module, "time",
                         types.SimpleNamespace(monotonic=lambda: 60 * clock["minutes"]))
-    train_step, save = trainer._train_step, trainer.save
+    train_step, save = trainer.gradient_pass, trainer.save
     saved_steps = []
 
     def slow_step():
@@ -356,7 +357,7 @@ def minutes_per_step(monkeypatch, trainer, kill_at_step=None):
         saved_steps.append(trainer.step)
         save(*args)
 
-    monkeypatch.setattr(trainer, "_train_step", slow_step)
+    monkeypatch.setattr(trainer, "gradient_pass", slow_step)
     monkeypatch.setattr(trainer, "save", recorded_save)
     return saved_steps
 

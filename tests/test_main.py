@@ -1,4 +1,4 @@
-"""utils.py (setup, train, visualize, demo) and the main.py command line."""
+"""utils.py (setup, train, visualize) and the main.py command line with its demo."""
 import inspect
 import os
 import pty
@@ -83,28 +83,31 @@ def test_visualize_without_a_checkpoint_says_to_train_first(afhq, tmp_path):
         utils.visualize_diffusion(2, 2, False, tmp_path, afhq, **TINY)
 
 
+# ---------------------------------------------------------------- the demo (main.py)
+
+
 def record_demo_calls(monkeypatch):
-    """utils' train and visualize replaced by recorders; returns the list of (name, settings)."""
+    """main's train and visualize replaced by recorders; returns the list of (name, settings)."""
     calls = []
     for name in ("train_diffusion", "visualize_diffusion"):
-        monkeypatch.setattr(utils, name,
+        monkeypatch.setattr(main, name,
                             lambda name=name, **settings: calls.append((name, settings)))
     return calls
 
 
 def test_demo_writes_synthetic_cats_and_trains_briefly(tmp_path, monkeypatch):
     calls = record_demo_calls(monkeypatch)
-    utils.run_demo(tmp_path)
+    main.run_demo(tmp_path)
     cats = list((tmp_path / "demo_data" / "train" / "cat").glob("*.png"))
     assert len(cats) == 300
     (_, trained), (_, visualized) = calls
-    assert {flag: trained[flag] for flag in utils.DEMO_STEPS} == utils.DEMO_STEPS
+    assert {flag: trained[flag] for flag in main.DEMO_STEPS} == main.DEMO_STEPS
     assert visualized["save_folder"] == tmp_path and visualized["load_path"] is None
 
 
 def test_synthetic_writer_rejects_unknown_layouts(tmp_path):
     with pytest.raises(ValueError, match="layout must be 'v1' or 'v2'"):
-        utils.write_synthetic_afhq(tmp_path, layout="v3")
+        main.write_synthetic_afhq(tmp_path, layout="v3")
 
 
 # ---------------------------------------------------------------- command line
@@ -145,6 +148,19 @@ def test_main_passes_settings_to_train_diffusion_by_keyword(tmp_path, monkeypatc
     assert received[0]["precision"] == "auto"
 
 
+def test_the_fid_network_built_by_the_fid_check_is_the_one_training_uses(tmp_path, monkeypatch):
+    def network(images):
+        return images
+
+    network.__module__ = "cleanfid.features"  # as clean-fid's build_feature_extractor makes it
+    received = []
+    monkeypatch.setattr(main, "train_diffusion", lambda **settings: received.append(settings))
+    monkeypatch.setattr(main, "build_feature_extractor", lambda *args, **kwargs: network)
+    assert main.main(["--fid", "--save_folder", str(tmp_path)]) == 0
+    assert received[0]["fid_feature_extractor"] is network
+    assert trainer.extractor_name(network) == trainer.extractor_name(None) == "inception"
+
+
 @pytest.mark.parametrize("precision, dtype", [("fp32", None), ("bf16", torch.bfloat16)])
 def test_train_diffusion_passes_the_precision_to_the_trainer(afhq, tmp_path, precision, dtype):
     trainer = utils.train_diffusion(1, 1, False, tmp_path, afhq, precision=precision, **TINY)
@@ -165,7 +181,7 @@ def test_demo_flag_runs_the_demo_in_the_save_folder_with_its_own_step_counts(tmp
     assert main.main(["--demo", "--save_folder", str(tmp_path)]) == 0
     (_, trained), _ = calls
     assert trained["save_folder"] == str(tmp_path)
-    assert {flag: trained[flag] for flag in utils.DEMO_STEPS} == utils.DEMO_STEPS
+    assert {flag: trained[flag] for flag in main.DEMO_STEPS} == main.DEMO_STEPS
 
 
 def test_demo_honours_the_step_flags_and_says_it_ignores_the_data_path(tmp_path, monkeypatch,
@@ -186,8 +202,8 @@ def test_ctrl_c_in_the_demo_stops_it_with_status_130(tmp_path, monkeypatch, caps
     def interrupted(**settings):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(utils, "train_diffusion", interrupted)
-    monkeypatch.setattr(utils, "visualize_diffusion", lambda **settings: visualized.append(1))
+    monkeypatch.setattr(main, "train_diffusion", interrupted)
+    monkeypatch.setattr(main, "visualize_diffusion", lambda **settings: visualized.append(1))
     assert main.main(["--demo", "--save_folder", str(tmp_path)]) == 130
     assert visualized == [] and "Interrupted" in capsys.readouterr().err
 

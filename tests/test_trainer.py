@@ -12,10 +12,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import trainer as trainer_module
 from afhq_data import make_afhq_folder, part_b_environment  # noqa: F401 (autouse fixture)
 from diffusion import Diffusion
+from main import write_synthetic_afhq
 from trainer import (DeviceBatches, CudaGraphed, Trainer, WandbLogger, adam, autocast_dtype,
                      find_class_root, load_image_set)
 from unet import Unet
-from utils import write_synthetic_afhq
 
 PER_CLASS = 6
 IMAGE_SIZE = 16
@@ -317,6 +317,15 @@ def test_trainer_has_the_starters_attributes(afhq, tmp_path):
     assert trainer.results_folder == tmp_path and trainer.device == torch.device("cpu")
 
 
+def test_ds_indexes_like_the_starters_dataset(afhq, tmp_path):
+    trainer = make_trainer(afhq, tmp_path)
+    images = [trainer.ds[index] for index in range(len(trainer.ds))]
+    assert all(image.shape == (3, IMAGE_SIZE, IMAGE_SIZE) for image in images)
+    assert all(image.dtype == torch.float32 for image in images)
+    assert min(image.min() for image in images) >= 0 and max(image.max() for image in images) <= 1
+    assert torch.equal(images[0], trainer.ds.reference[0].float() / 255)
+
+
 def test_save_with_itrs_writes_a_numbered_checkpoint_in_the_starters_format(afhq, tmp_path):
     trainer = make_trainer(afhq, tmp_path)
     trainer.step = 7
@@ -397,13 +406,13 @@ def test_training_goes_on_in_train_mode_after_sampling_in_eval_mode(afhq, tmp_pa
 
     monkeypatch.setattr(trainer.model, "sample", sample_left_in_eval_mode)
     modes = []
-    compute_gradients = trainer.compute_gradients
+    gradient_pass = trainer.gradient_pass
 
-    def recording_compute_gradients():
+    def recording_gradient_pass():
         modes.append(trainer.model.model.training)
-        return compute_gradients()
+        return gradient_pass()
 
-    monkeypatch.setattr(trainer, "compute_gradients", recording_compute_gradients)
+    monkeypatch.setattr(trainer, "gradient_pass", recording_gradient_pass)
     trainer.train()
     assert modes == [True, True, True]
 
@@ -446,7 +455,7 @@ def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(afhq, tmp_path, 
 def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_stops(afhq, tmp_path, monkeypatch,
                                                                  capsys):
     trainer = make_trainer(afhq, tmp_path, train_num_steps=10, save_and_sample_every=10)
-    train_step = trainer._train_step
+    train_step = trainer.gradient_pass
     calls = []
 
     def interrupted_step():
@@ -455,7 +464,7 @@ def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_stops(afhq, tmp_path, 
             raise KeyboardInterrupt
         return train_step()
 
-    monkeypatch.setattr(trainer, "_train_step", interrupted_step)
+    monkeypatch.setattr(trainer, "gradient_pass", interrupted_step)
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     checkpoint = load_checkpoint(tmp_path / "model.pt")
@@ -471,7 +480,7 @@ def test_a_step_runs_its_accumulated_batches_through_the_model_in_one_pass(afhq,
     forward = trainer.model.forward
     monkeypatch.setattr(trainer.model, "forward",
                         lambda x_0, noise: batch_sizes.append(len(x_0)) or forward(x_0, noise))
-    trainer._train_step()
+    trainer.gradient_pass()
     assert batch_sizes == [12]
 
 
@@ -480,7 +489,7 @@ def test_the_loss_is_float32_whatever_the_precision_of_the_model(afhq, tmp_path,
     forward = trainer.model.forward
     monkeypatch.setattr(trainer.model, "forward",
                         lambda x_0, noise: forward(x_0, noise).to(torch.bfloat16))
-    assert trainer._train_step().dtype == torch.float32
+    assert trainer.gradient_pass().dtype == torch.float32
 
 
 def test_one_pass_over_the_accumulated_batches_gives_the_gradient_of_accumulating_them():
@@ -500,8 +509,8 @@ def test_each_step_computes_its_gradients_afresh(afhq, tmp_path, monkeypatch):
     trainer = make_trainer(afhq, tmp_path)
     weight = trainer.model.model.final_conv.bias
     monkeypatch.setattr(trainer.model, "forward", lambda x_0, noise: (weight * 3).sum())
-    trainer._compute_gradients()
-    trainer._compute_gradients()
+    trainer.loss_and_gradients()
+    trainer.loss_and_gradients()
     assert torch.equal(weight.grad, torch.full_like(weight, 3.0))
 
 
@@ -525,14 +534,14 @@ HOST_SYNC_OPS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select
 def test_gradient_computation_never_waits_for_the_device(afhq, tmp_path, shuffle):
     trainer = make_trainer(afhq, tmp_path, shuffle=shuffle, gradient_accumulate_every=2)
     with RecordedOps() as recorded:
-        trainer._compute_gradients()
+        trainer.loss_and_gradients()
     assert "aten.convolution_backward" in recorded.names  # the backward pass was seen
     assert not recorded.names & HOST_SYNC_OPS
 
 
 def test_cpu_training_is_not_captured_in_a_cuda_graph(afhq, tmp_path):
     trainer = make_trainer(afhq, tmp_path, cuda_graph=True)
-    assert not isinstance(trainer.compute_gradients, CudaGraphed)
+    assert not isinstance(trainer.gradient_pass, CudaGraphed)
 
 
 class FakeGraph:
