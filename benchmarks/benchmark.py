@@ -156,30 +156,25 @@ def build_trainer(image_set, results, device, **options):
                                   results_folder=results, device=device, **options)
 
 
-def train_step(trainer):
-    """One step of ``Trainer.train``: its gradient pass (a CUDA graph on a GPU), then Adam."""
-    loss = trainer.gradient_pass().clone()
-    trainer.scaler.step(trainer.opt)
-    trainer.scaler.update()
-    return loss
-
-
-def steady_losses(trainer, steps, device):
-    """(seconds, losses) of ``steps`` training steps after a warm-up (cuDNN's choices, the CUDA
-    graph's capture); the losses are read once, at the end."""
-    trainer.model.train()
-    for _ in range(WARMUP_STEPS):
-        train_step(trainer)
-    seconds, losses = timed(lambda: [train_step(trainer) for _ in range(steps)], device)
-    return seconds, torch.stack(losses).tolist()
+def trained(image_set, results, device, steps, **options):
+    """(seconds, trainer) of ``Trainer.train`` for ``steps`` steps from the seeded model, with
+    one milestone (a grid of 25 samples), at the end."""
+    trainer = build_trainer(image_set, results, device, train_num_steps=steps,
+                            save_and_sample_every=steps, **options)
+    seconds, _ = timed(trainer.train, device)
+    return seconds, trainer
 
 
 def time_precision_options(image_set, results, device, args, figures):
-    """Steady-state steps/s of each option set, with the mean loss of the timed steps."""
+    """Steps/s of each option set, from the difference of a ``WARMUP_STEPS`` run and one of
+    ``timed_steps`` more (setup, the warm-up with cuDNN's choices and the CUDA graph's capture,
+    and the final grid cancel out), with the mean loss of the timed steps."""
     for name, options in precision_options(device).items():
-        trainer = build_trainer(image_set, results / "speed", device, **options)
-        seconds, losses = steady_losses(trainer, args.timed_steps, device)
-        figures[f"train_steps_per_s[{name}]"] = round(args.timed_steps / seconds, 2)
+        short, _ = trained(image_set, results / "speed", device, WARMUP_STEPS, **options)
+        long, trainer = trained(image_set, results / "speed", device,
+                                WARMUP_STEPS + args.timed_steps, **options)
+        figures[f"train_steps_per_s[{name}]"] = round(args.timed_steps / (long - short), 2)
+        losses = [row["loss"] for row in trainer.history[WARMUP_STEPS:]]
         figures[f"train_loss[{name}]"] = round(sum(losses) / len(losses), 4)
         if device.type == "cuda":
             graphed = getattr(trainer.gradient_pass, "graph", None) is not None
@@ -195,10 +190,9 @@ def precision_trains_the_same(image_set, results, device, figures, steps=300, la
         return
     means = {}
     for precision in ("fp32", mixed):
-        trainer = build_trainer(image_set, results / "precision", device, precision=precision)
-        trainer.model.train()
-        losses = [train_step(trainer) for _ in range(steps)]
-        means[precision] = torch.stack(losses[-last:]).mean().item()
+        _, trainer = trained(image_set, results / "precision", device, steps, precision=precision)
+        losses = [row["loss"] for row in trainer.history[-last:]]
+        means[precision] = sum(losses) / len(losses)
         figures[f"mean_loss_of_steps_{steps - last + 1}_to_{steps}[{precision}]"] = round(
             means[precision], 4)
     figures[f"mean_loss_relative_difference[{mixed} vs fp32]"] = round(

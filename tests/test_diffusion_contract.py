@@ -305,8 +305,8 @@ def call_drawing_noise(diffusion, method):
 
 @pytest.mark.parametrize("method", ["p_sample", "p_sample_loop", "sample", "q_sample", "p_losses"])
 def test_every_random_draw_goes_through_noise_like(under_test, method):
-    """SPEC: all noise is drawn through noise_like, so graders can replace it; a draw from torch's
-    global generator (torch.randn, randn_like, ...) makes every check of the equations that
+    """The skeleton: all noise is drawn through noise_like, so graders can replace it; a draw
+    from torch's global generator (torch.randn, randn_like, ...) makes every check of the equations that
     follow compare against noise the method did not use. q_sample and p_losses are checked
     where noise may be left out."""
     diffusion = make_diffusion(under_test)
@@ -608,8 +608,8 @@ def call_on(diffusion, method, device):
 
 @pytest.mark.parametrize("method", ["q_sample", "p_losses", "forward", "p_sample", "p_sample_loop", "sample"])
 def test_runs_on_the_trainers_device_without_mixing_in_cpu_tensors(under_test, method):
-    """SPEC fault 6: on a GPU every tensor an op gets must be on the model's device, so a tensor
-    made on the CPU inside a method (torch.tensor(...), torch.full(...) without device=) crashes
+    """A fault of the original starter: on a GPU every tensor an op gets must be on the model's
+    device, so a tensor made on the CPU inside a method (torch.tensor(...), torch.full(...) without device=) crashes
     there though it runs on a CPU. Seen on the meta device, moved there as the trainer moves the
     model, with CUDA's rule held for every op; what meta cannot do and a GPU can is not a failure."""
     diffusion = make_diffusion(under_test)
