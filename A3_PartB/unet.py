@@ -154,23 +154,26 @@ class LinearAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Conv2d(hidden_dim, dim, 1), LayerNorm(dim))
 
     def forward(self, x):
-        # Each head's q, k, v is made by a matmul straight into the layout its next op reads
-        # along contiguous memory: q (pixels, dim_head), softmaxed over its features; k
-        # (dim_head, pixels), softmaxed over the pixels; v (pixels, dim_head). The starter's
-        # arithmetic without its rearranging copies of the wide (batch, 384, 32, 32) tensors.
+        # The starter's arithmetic, reassociated so that no (pixels x heads * dim_head) tensor
+        # is made but q and k, the two that are softmaxed. v = W_v x and to_out's 1x1 conv are
+        # linear, so each head's  W_out context^T q  equals  q^T (k x^T W_v^T W_out^T): the
+        # keys are summed against the input's few channels, then mapped by a weight-only
+        # (channels x channels) matrix per head. The output of all heads is then one matmul of
+        # q, heads side by side, with their stacked contexts (the sum over heads included).
         batch, channels, height, width = x.shape
         pixels = height * width
-        features = x.reshape(batch, 1, channels, pixels)
-        tokens = features.mT
-        w_q, w_k, w_v = self.to_qkv.weight.view(3, self.heads, -1, channels).unbind(0)
-        q = (tokens @ w_q.mT).softmax(dim=-1)  # (batch, heads, pixels, dim_head)
-        k = (w_k @ features).softmax(dim=-1)  # (batch, heads, dim_head, pixels)
-        v = tokens @ w_v.mT  # (batch, heads, pixels, dim_head)
-        # q * dim_head^-0.5 and v / pixels, applied to the small context instead of q and v
-        context = (k @ v) * (self.scale / pixels)
         projection, norm = self.to_out
-        w_out = projection.weight.view(channels, self.heads, -1).transpose(0, 1)
-        out = ((q @ context) @ w_out.mT).sum(dim=1) + projection.bias  # (batch, pixels, channels)
+        features = x.reshape(batch, channels, pixels)
+        tokens = features.mT  # (batch, pixels, channels); contiguous rows after the LayerNorm
+        w_q, w_k, w_v = self.to_qkv.weight.view(3, -1, channels).unbind(0)
+        q = (tokens @ w_q.mT).unflatten(-1, (self.heads, -1)).softmax(dim=-1)  # over features
+        k = (w_k @ features).softmax(dim=-1)  # (batch, heads * dim_head, pixels), over pixels
+        keys_by_channel = (k @ tokens).unflatten(1, (self.heads, -1))  # (batch, heads, d, c)
+        w_out = projection.weight.view(channels, self.heads, -1).permute(1, 2, 0)  # (heads, d, c)
+        value_to_out = w_v.view(self.heads, -1, channels).mT @ w_out  # (heads, c, c)
+        # q * dim_head^-0.5 and v / pixels, applied to the small contexts instead of q and v
+        contexts = (keys_by_channel @ value_to_out).flatten(1, 2) * (self.scale / pixels)
+        out = torch.baddbmm(projection.bias, q.flatten(2), contexts)  # (batch, pixels, channels)
         return norm(out.mT.reshape(batch, channels, height, width))  # a view: no copy
 
 
