@@ -58,7 +58,7 @@ def test_class_root_is_found_from_dataset_root_or_train_folder(tmp_path, layout,
 
 
 @pytest.mark.parametrize("working_folder, root", [(".", "./A3_PartB/data"), ("A3_PartB", "./data")])
-def test_missing_folder_error_gives_the_download_commands_from_where_the_user_stands(
+def test_missing_folder_error_says_to_add_download_and_where_the_zip_goes(
         tmp_path, monkeypatch, working_folder, root):
     (tmp_path / "A3_PartB").mkdir()
     monkeypatch.chdir(tmp_path / working_folder)
@@ -66,8 +66,8 @@ def test_missing_folder_error_gives_the_download_commands_from_where_the_user_st
     with pytest.raises(FileNotFoundError) as error:
         load_image_set(missing, "cat", IMAGE_SIZE, tmp_path / "cache")
     assert str(missing) in str(error.value)
-    assert f"gdown 1-1npXlqCw1CYQ5SBbrlSgZdA9TEwZre4 -O {root}/afhq_v2.zip" in str(error.value)
-    assert f"unzip -q {root}/afhq_v2.zip -d {root}" in str(error.value)
+    assert f"(a 6.5 GB zip, into {root}) by running the command again with --download added" \
+        in str(error.value)
 
 
 def test_decoding_progress_ends_at_every_image(afhq, tmp_path, capsys):
