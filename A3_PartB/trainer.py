@@ -18,6 +18,7 @@ import multiprocessing
 import netrc
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -719,7 +720,11 @@ def find_class_root(folder):
 
 
 def list_image_files(class_root, data_class):
-    """The sorted image files of one class folder, or of every class folder for None/"all"."""
+    """The sorted image files of one class folder, or of every class folder for None/"all".
+
+    A file or class folder that cannot be looked at or listed is skipped with a warning naming it
+    (see ``listed_images``), so that it stops the run only when no image is left.
+    """
     if data_class in (None, "all"):
         class_folders = sorted(path for path in class_root.iterdir() if path.is_dir())
     else:
@@ -729,13 +734,44 @@ def list_image_files(class_root, data_class):
             raise FileNotFoundError(
                 f"No folder {class_folders[0]} for data_class={data_class!r} (found {present}). "
                 f"{download_hint(class_root)}")
-    files = sorted(path for class_folder in class_folders for path in class_folder.iterdir()
-                   if path.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(path for class_folder in class_folders for path in listed_images(class_folder))
     if not files:
         raise FileNotFoundError(
             f"No {'/'.join(IMAGE_SUFFIXES)} images in {[str(f) for f in class_folders]}. "
             f"{download_hint(class_root)}")
     return files
+
+
+def listed_images(folder):
+    """The image files (by suffix) in ``folder`` that are regular files: a FIFO would block the
+    decoding forever, a folder or a dangling link cannot be read. Each entry left out, and the
+    folder itself when it cannot be listed, is said in a warning naming it and why."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as error:
+        warnings.warn(f"Skipping unreadable folder {folder}: {error.strerror or error}",
+                      stacklevel=3)
+        return []
+    return [path for path in entries
+            if path.suffix.lower() in IMAGE_SUFFIXES and is_regular_file(path)]
+
+
+def is_regular_file(path):
+    """Whether ``path`` is a regular file; if not, or if it cannot be looked at, a warning
+    names it and says why."""
+    try:
+        regular = stat.S_ISREG(path.stat().st_mode)
+    except OSError as error:
+        warn_skipping(path, error.strerror or error)
+        return False
+    if not regular:
+        warn_skipping(path, "not a regular file")
+    return regular
+
+
+def warn_skipping(path, reason):
+    """The one warning of an image file that is left out, naming it and why."""
+    warnings.warn(f"Skipping unreadable image {path}: {reason}", stacklevel=3)
 
 
 def image_set_key(files, image_size):
@@ -775,8 +811,9 @@ def _decode_or_error(path, sizes):
 def decode_images(files, image_size, workers):
     """Decode every file once, on ``workers`` threads (PIL releases the GIL while decoding).
 
-    Files PIL cannot or will not decode (truncated, not images, decompression bombs) are
-    skipped with a warning naming them; returns ``(train, reference)``.
+    Files that cannot be opened (no permission, gone) or that PIL cannot or will not decode
+    (truncated, not images, decompression bombs) are skipped with a warning naming them;
+    returns ``(train, reference)``.
     """
     sizes = (int(image_size * CROP_MARGIN), image_size)
     decoded = []
@@ -788,7 +825,7 @@ def decode_images(files, image_size, workers):
         for path, result in zip(files, pool.map(_decode_or_error, files, [sizes] * len(files))):
             progress.update()
             if isinstance(result, Exception):
-                warnings.warn(f"Skipping unreadable image {path}: {result}", stacklevel=2)
+                warn_skipping(path, result)
             else:
                 decoded.append(result)
     if not decoded:
