@@ -567,7 +567,8 @@ def fake_cuda_graphs(monkeypatch):
     return graphs
 
 
-def test_cuda_graph_captures_after_warm_up_then_only_replays(fake_cuda_graphs):
+def test_cuda_graph_logic_with_fake_graphs_captures_after_warm_up_then_only_replays(
+        fake_cuda_graphs):
     calls = []
     graphed = CudaGraphed(lambda: calls.append(1) or torch.tensor(float(len(calls))))
     outputs = [graphed() for _ in range(3)]
@@ -577,7 +578,7 @@ def test_cuda_graph_captures_after_warm_up_then_only_replays(fake_cuda_graphs):
     assert outputs[0].item() == CudaGraphed.WARMUP_CALLS + 1
 
 
-def test_failed_cuda_graph_capture_warns_and_runs_eagerly(monkeypatch):
+def test_cuda_graph_logic_with_a_faked_capture_failure_warns_and_runs_eagerly(monkeypatch):
     def no_capture():
         raise RuntimeError("operation not permitted when stream is capturing")
 
@@ -592,20 +593,22 @@ def test_failed_cuda_graph_capture_warns_and_runs_eagerly(monkeypatch):
 
 @pytest.mark.parametrize("capability, dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
                                                ((9, 0), torch.bfloat16)])
-def test_mixed_precision_is_fp16_on_a_t4_and_bf16_from_ampere_on(monkeypatch, capability, dtype):
+def test_mixed_precision_logic_with_faked_gpu_capabilities_is_fp16_on_a_t4_bf16_from_ampere(
+        monkeypatch, capability, dtype):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert autocast_dtype(torch.device("cuda")) == dtype
 
 
 @pytest.mark.parametrize("device, fused", [("cuda", True), ("cpu", False)])
-def test_adam_is_fused_on_a_gpu_so_a_grad_scaler_needs_no_host_sync(device, fused):
+def test_adam_is_built_fused_for_a_gpu_so_a_grad_scaler_needs_no_host_sync(device, fused):
     optimizer = adam([torch.nn.Parameter(torch.zeros(3))], 1e-3, torch.device(device))
     assert optimizer.defaults["fused"] is fused
     assert getattr(optimizer, "_step_supports_amp_scaling", False) is fused
 
 
 @pytest.mark.parametrize("native_bf16, dtype", [(True, torch.bfloat16), (False, None)])
-def test_mixed_precision_on_a_cpu_is_bf16_only_where_the_cpu_has_it(monkeypatch, native_bf16, dtype):
+def test_mixed_precision_logic_with_a_faked_cpu_flag_is_bf16_only_where_the_cpu_has_it(
+        monkeypatch, native_bf16, dtype):
     monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: native_bf16)
     assert autocast_dtype(torch.device("cpu")) is dtype
 
