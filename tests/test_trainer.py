@@ -252,11 +252,14 @@ def test_training_reduces_the_loss_on_blob_images(afhq, tmp_path):
 
 
 def test_metrics_csv_and_loss_plot_are_written(afhq, tmp_path):
-    make_trainer(afhq, tmp_path, train_num_steps=4, log_every=2).train()
+    trainer = make_trainer(afhq, tmp_path, train_num_steps=4, log_every=2)
+    trainer.train()
     with open(tmp_path / "metrics.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     assert [row["step"] for row in rows] == ["1", "2", "3", "4"]
-    assert all(float(row["loss"]) > 0 and row["fid"] == "" for row in rows)
+    assert [float(row["loss"]) for row in rows] == pytest.approx(
+        [row["loss"] for row in trainer.history], rel=1e-6)
+    assert len({row["loss"] for row in rows}) == 4 and all(row["fid"] == "" for row in rows)
     assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
     assert not (tmp_path / "fid.png").exists()
 
