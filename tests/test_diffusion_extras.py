@@ -147,6 +147,10 @@ def test_p_sample_loop_returns_every_frame_from_x_T_down_to_x_0():
     x_T = images(2, seed=4)
     frames = diffusion.p_sample_loop(x_T, return_all_timesteps=True)
     assert frames.shape == (T + 1, 2, CHANNELS, SIZE, SIZE)
+    x = x_T
+    for steps_done, t_index in enumerate(reversed(range(T)), start=1):  # frame k: after k steps
+        x = diffusion.p_sample(x, torch.full((2,), t_index), t_index)
+        torch.testing.assert_close(frames[steps_done], unnormalize_to_zero_to_one(x).clamp(0, 1))
     assert torch.equal(frames[0], unnormalize_to_zero_to_one(x_T).clamp(0, 1))
     assert torch.equal(frames[-1], diffusion.p_sample_loop(x_T))
 
