@@ -7,6 +7,9 @@ From the A3_PartB folder, each part in a results folder of its own (as the noteb
     python main.py --visualize --save_folder ./results/part1      # Parts 3 and 4, from Part 1's model
     python main.py --demo          # synthetic images, no download, about a minute on a CPU
 
+Add --download to the first run to download AFHQ and unzip the class first, where missing; after
+a disconnect, the same command completes a download or an unzip cut short.
+
 The defaults are the starter's. Every flag is checked before any work starts: a bad one prints
 one line on stderr that names it, and the exit status is 2; so does a file that cannot be
 written (a full disk, no permission), and the checkpoint already saved is intact. Ctrl-C saves a

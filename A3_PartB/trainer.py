@@ -559,29 +559,6 @@ def afhq_class_names(data_class):
     return (data_class,)
 
 
-def download_afhq(folder, data_class="cat", keep_zip=True, download=None):
-    """Make ``folder`` (``--data_path``: a ``train`` folder or the one above it) hold AFHQ's
-    training images of ``data_class``, downloading the zip if needed; returns the train folder.
-
-    Safe to run again after a disconnect at any point: a zip cut short is downloaded again (one
-    line says so), each class is unzipped into a temporary folder renamed into place only when
-    complete (a class folder missing files of the zip is unzipped again), and only the classes
-    asked for are unzipped. The zip is kept, so another class needs no new download, unless
-    ``keep_zip`` is False. ``download(zip_path)`` fetches the zip (default: gdown).
-    """
-    root = afhq_root(folder)
-    zip_path = root / AFHQ_ZIP_NAME
-    train_folder = root / "train"
-    for name in afhq_class_names(data_class):
-        if not extracted_in_full(train_folder / name, zip_path):
-            fetch_zip(zip_path, download or gdown_download)
-            extract_class(zip_path, name, train_folder)
-    if not keep_zip and zip_path.exists():
-        zip_path.unlink()
-        print(f"Deleted {zip_path}.")
-    return train_folder
-
-
 def gdown_download(zip_path):
     """Download AFHQ's zip from Google Drive to ``zip_path``; gdown resumes its own partial file
     of an earlier, interrupted call."""
@@ -592,6 +569,29 @@ def gdown_download(zip_path):
     except Exception as error:  # noqa: BLE001 - the network and Google Drive fail in many ways
         raise ValueError(f"Could not download AFHQ ({type(error).__name__}: {error}). Check the "
                          "internet connection and run again: the download resumes.") from None
+
+
+def download_afhq(folder, data_class="cat", keep_zip=True, download=gdown_download):
+    """Make ``folder`` (``--data_path``: a ``train`` folder or the one above it) hold AFHQ's
+    training images of ``data_class``, downloading the zip if needed; returns the train folder.
+
+    Safe to run again after a disconnect at any point: a zip cut short is downloaded again (one
+    line says so), each class is unzipped into a temporary folder renamed into place only when
+    complete (a class folder missing files of the zip is unzipped again), and only the classes
+    asked for are unzipped. The zip is kept, so another class needs no new download, unless
+    ``keep_zip`` is False. ``download(zip_path)`` fetches the zip (tests pass their own).
+    """
+    root = afhq_root(folder)
+    zip_path = root / AFHQ_ZIP_NAME
+    train_folder = root / "train"
+    for name in afhq_class_names(data_class):
+        if not extracted_in_full(train_folder / name, zip_path):
+            fetch_zip(zip_path, download)
+            extract_class(zip_path, name, train_folder)
+    if not keep_zip and zip_path.exists():
+        zip_path.unlink()
+        print(f"Deleted {zip_path}.")
+    return train_folder
 
 
 def zip_problem(zip_path):
@@ -663,20 +663,20 @@ def extract_class(zip_path, data_class, train_folder):
     ``train_folder``, renamed into place when complete; one left by a cut-short run is redone."""
     partial = train_folder.parent / f".{data_class}.unzipping"
     shutil.rmtree(partial, ignore_errors=True)
-    with zipfile.ZipFile(zip_path) as archive:
-        members = class_members(archive, data_class)
-        if not members:
-            raise ValueError(f"{zip_path} holds no train/{data_class}/ images: it is not AFHQ's "
-                             "zip. Delete it and download again.")
-        try:
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            members = class_members(archive, data_class)
+            if not members:
+                raise ValueError(f"{zip_path} holds no train/{data_class}/ images: it is not "
+                                 "AFHQ's zip. Delete it and download again.")
             for member, inside in tqdm(members, desc=f"unzipping train/{data_class}"):
                 (partial / inside).parent.mkdir(parents=True, exist_ok=True)
                 with archive.open(member) as source, open(partial / inside, "wb") as target:
                     shutil.copyfileobj(source, target)
-        except zipfile.BadZipFile as error:  # a damaged member: its checksum differs
-            zip_path.unlink()
-            raise ValueError(f"{zip_path} is damaged ({error}), so it is deleted: run again to "
-                             "download it afresh.") from None
+    except zipfile.BadZipFile as error:  # a damaged member: its checksum differs
+        zip_path.unlink()
+        raise ValueError(f"{zip_path} is damaged ({error}), so it is deleted: run again to "
+                         "download it afresh.") from None
     train_folder.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(train_folder / data_class, ignore_errors=True)  # one cut short by hand
     os.replace(partial, train_folder / data_class)
