@@ -179,6 +179,15 @@ def test_an_afhq_v1_zip_unzips_its_class_into_the_train_folder(tmp_path):
     assert folder_files(tmp_path / "data" / "train") == {"cat/flickr_cat_000002.jpg": b"jpeg"}
 
 
+def test_a_zip_without_the_class_is_refused_as_not_afhq(tmp_path):
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as archive:
+        archive.writestr("photos/cat.png", b"png")
+    with pytest.raises(ValueError, match="holds no train/cat/ images: it is not AFHQ's zip"):
+        download_afhq(tmp_path / "train", "cat", download=Drive((tmp_path / "other.zip")
+                                                                .read_bytes()))
+    assert not (tmp_path / "train").exists()
+
+
 def test_an_unknown_class_is_refused_before_any_download(tmp_path, drive):
     with pytest.raises(ValueError, match="data_class must be one of"):
         download_afhq(tmp_path / "train", "horse", download=drive)
