@@ -79,7 +79,8 @@ def idx_shape(path):
 
 
 def check_mnist_files(data_dir):
-    """Raise ValueError naming a damaged raw MNIST file in ``data_dir`` and how to fetch it again.
+    """Raise ValueError naming a damaged or unreadable raw MNIST file in ``data_dir`` and what to
+    do.
 
     torchvision downloads the four raw files only when one is missing, and reads them without
     checking them: a file cut short by an interrupted download or a full disk would otherwise
@@ -89,14 +90,17 @@ def check_mnist_files(data_dir):
     paths = [raw_folder / name for name in MNIST_RAW_FILES]
     if not all(path.is_file() for path in paths):
         return  # torchvision downloads them all afresh
+    fetch_again = (f"Delete the folder {raw_folder} and load the data again: torchvision "
+                   "downloads MNIST afresh.")
     for path in paths:
         try:
             idx_shape(path)
         except ValueError as error:
-            raise ValueError(
-                f"{path} is damaged ({error}), probably by an interrupted download. Delete the "
-                f"folder {raw_folder} and load the data again: torchvision downloads MNIST afresh."
-            ) from None
+            raise ValueError(f"{path} is damaged ({error}), probably by an interrupted download. "
+                             f"{fetch_again}") from None
+        except OSError as error:
+            raise ValueError(f"{path} cannot be read ({error.strerror or error}): make it "
+                             f"readable, or: {fetch_again}") from None
 
 
 def load_mnist(data_dir, train=True):

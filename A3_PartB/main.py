@@ -7,6 +7,9 @@ From the A3_PartB folder, each part in a results folder of its own (as the noteb
     python main.py --visualize --save_folder ./results/part1      # Parts 3 and 4, from Part 1's model
     python main.py --demo          # synthetic images, no download, about a minute on a CPU
 
+Add --download to the first run to download AFHQ and unzip the class first, where missing; after
+a disconnect, the same command completes a download or an unzip cut short.
+
 The defaults are the starter's. Every flag is checked before any work starts: a bad one prints
 one line on stderr that names it, and the exit status is 2; so does a file that cannot be
 written (a full disk, no permission), and the checkpoint already saved is intact. Ctrl-C saves a
@@ -23,8 +26,8 @@ import torch
 from PIL import Image
 
 from trainer import (CHECKPOINT_MINUTES, PRECISIONS, SaveError, autocast_dtype,
-                     build_feature_extractor, default_device, read_checkpoint, require_above_zero,
-                     require_positive)
+                     build_feature_extractor, default_device, download_afhq, read_checkpoint,
+                     require_above_zero, require_positive)
 from unet import Unet, check_groups
 from utils import SEED, train_diffusion, visualize_diffusion
 
@@ -37,7 +40,8 @@ SYNTHETIC_COLOURS = {"cat": (230, 150, 60), "dog": (150, 110, 80), "wild": (90, 
 
 
 def build_parser():
-    """The starter's flags and defaults (the handout's tables 1-3), plus --demo."""
+    """The starter's flags and defaults (the handout's tables 1-3), plus --demo, --download and
+    options of this package's trainer."""
     parser = argparse.ArgumentParser(description="Train or visualize a DDPM on AFHQ.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--train_steps", type=int, default=10000,
@@ -71,6 +75,13 @@ def build_parser():
     parser.add_argument("--checkpoint_minutes", type=float, default=CHECKPOINT_MINUTES,
                         help="minutes of training between checkpoints besides the milestones, "
                              "so a kill loses at most that much")
+    parser.add_argument("--download", action="store_true",
+                        help="first download AFHQ (a 6.5 GB zip, kept beside the train folder) "
+                             "and unzip --data_class into --data_path, where missing; run again "
+                             "after a download or unzip cut short, it completes them")
+    parser.add_argument("--delete_zip", action="store_true",
+                        help="with --download: delete the zip once unzipped (another class then "
+                             "downloads it again)")
     parser.add_argument("--visualize", action="store_true",
                         help="draw the forward and backward processes of a trained model")
     parser.add_argument("--demo", action="store_true",
@@ -237,11 +248,16 @@ def main(argv=None):
     settings = vars(parser.parse_args(argv))
     demo = settings.pop("demo")
     visualize = settings.pop("visualize")
+    download, delete_zip = settings.pop("download"), settings.pop("delete_zip")
+    if delete_zip and not download:
+        parser.error("--delete_zip goes with --download")
     if demo:
         settings = demo_settings(settings, vars(parser.parse_args([])))
     try:
         training = {"fid_feature_extractor": check_flags(settings, visualize),
                     "checkpoint_minutes": settings.pop("checkpoint_minutes")}  # training only
+        if download and not demo:
+            download_afhq(settings["data_path"], settings["data_class"], keep_zip=not delete_zip)
         if demo:
             run_demo(**settings, **training)
         elif visualize:

@@ -5,8 +5,12 @@ or ``root/afhq/train/{cat,dog,wild}/*.jpg`` (v1, with an empty ``val/``) of smoo
 that a diffusion model can learn quickly, plus ``corrupt`` unreadable files and ``grayscale``
 one-channel images in the first class, and returns the folder holding the class folders.
 
+``zip_folder`` zips such a tree as AFHQ's zip holds it.
 ``part_b_environment`` is an autouse fixture for Part B test modules (import it there).
 """
+import zipfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -43,3 +47,15 @@ def part_b_environment(monkeypatch, tmp_path):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def zip_folder(folder, zip_path, extra=None):
+    """Zip every file under ``folder`` by its path relative to it (``train/cat/cat_0000.png``, as
+    AFHQ's zip names them), plus ``extra`` {name: bytes}; returns {name: bytes} of the files."""
+    files = {path.relative_to(folder).as_posix(): path.read_bytes()
+             for path in sorted(Path(folder).rglob("*")) if path.is_file()}
+    files.update(extra or {})
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return files

@@ -1,5 +1,8 @@
 """a3_helper.py: device choice, MNIST loading, plotting helpers, one_hot and the training loop."""
+import errno
+import os
 import random
+from pathlib import Path
 from urllib.error import URLError
 
 import matplotlib.pyplot as plt
@@ -89,6 +92,22 @@ def test_load_mnist_names_a_damaged_raw_file_and_how_to_fetch_it_again(mnist_roo
     assert str(error.value).startswith(f"{damaged} is damaged")
     assert f"Delete the folder {mnist_root / 'MNIST' / 'raw'} and load the data again" in str(
         error.value)
+
+
+def test_load_mnist_names_a_raw_file_that_cannot_be_opened_in_one_line(mnist_root, offline,
+                                                                      monkeypatch):
+    locked = mnist_root / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+
+    def refuse_the_locked_file(path, *args, **kwargs):
+        if Path(path) == locked:  # as chmod 000 does to a user other than root
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(a3_helper, "open", refuse_the_locked_file, raising=False)
+    with pytest.raises(ValueError) as error:
+        load_mnist(mnist_root)
+    assert str(error.value).startswith(f"{locked} cannot be read (Permission denied)")
+    assert "\n" not in str(error.value)
 
 
 def test_pick_device_prefers_cuda_then_mps_then_cpu(monkeypatch):

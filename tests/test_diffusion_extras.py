@@ -102,9 +102,18 @@ def test_forward_rejects_images_of_the_wrong_size():
 
 
 def test_p_loss_is_the_handouts_name_for_p_losses():
+    assert Diffusion.p_loss is Diffusion.p_losses
+
+
+def test_p_loss_is_the_l1_loss_of_algorithm_1():
+    """Line 6: mean |noise - eps_theta(x_t, t)|, x_t of eq. (6) from the float64 schedule."""
     diffusion = stub_diffusion()
     x_0, noise, t = images(2, seed=1), images(2, seed=2), torch.tensor([3, 11])
-    assert diffusion.p_loss(x_0, t, noise) == diffusion.p_losses(x_0, t, noise)
+    abar = HANDOUT.abar[t].view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x_0.double() + (1 - abar).sqrt() * noise.double()
+    expected = (noise.double() - known_noise_prediction(x_t, t)).abs().mean()
+    torch.testing.assert_close(diffusion.p_loss(x_0, t, noise).double(), expected, rtol=1e-6,
+                               atol=0)
 
 
 def test_noise_left_out_is_drawn_by_noise_like():
@@ -138,6 +147,10 @@ def test_p_sample_loop_returns_every_frame_from_x_T_down_to_x_0():
     x_T = images(2, seed=4)
     frames = diffusion.p_sample_loop(x_T, return_all_timesteps=True)
     assert frames.shape == (T + 1, 2, CHANNELS, SIZE, SIZE)
+    x = x_T
+    for steps_done, t_index in enumerate(reversed(range(T)), start=1):  # frame k: after k steps
+        x = diffusion.p_sample(x, torch.full((2,), t_index), t_index)
+        torch.testing.assert_close(frames[steps_done], unnormalize_to_zero_to_one(x).clamp(0, 1))
     assert torch.equal(frames[0], unnormalize_to_zero_to_one(x_T).clamp(0, 1))
     assert torch.equal(frames[-1], diffusion.p_sample_loop(x_T))
 

@@ -218,6 +218,86 @@ def test_a_truncated_png_is_skipped_by_name(cats, tmp_path):
     assert len(images) == PER_CLASS
 
 
+def dangling_link(path):
+    path.symlink_to(path.parent / "gone")  # stat() fails: the size cannot be read
+
+
+def folder_named_like_an_image(path):
+    path.mkdir()
+
+
+def fifo(path):
+    os.mkfifo(path)  # opening it would wait forever for a writer
+
+
+@pytest.mark.parametrize("make, reason", [
+    (dangling_link, "No such file or directory"),
+    (folder_named_like_an_image, "not a regular file"),
+    (fifo, "not a regular file"),
+])
+def test_an_entry_that_is_not_a_readable_file_is_left_out_of_the_listing_by_name(
+        cats, make, reason):
+    root, cat = cats
+    make(cat / "odd.png")
+    with pytest.warns(UserWarning, match=f"Skipping unreadable image {cat / 'odd.png'}: {reason}"):
+        files = trainer_module.list_image_files(root, "cat")
+    assert [path.name for path in files] == [f"cat_{index:04d}.png" for index in range(PER_CLASS)]
+
+
+def test_a_file_that_cannot_be_opened_is_skipped_by_name(cats, tmp_path, monkeypatch):
+    root, cat = cats
+    locked = cat / "cat_0001.png"
+    image_open = Image.open
+
+    def refuse_the_locked_file(path, *args, **kwargs):
+        if Path(path) == locked:  # as chmod 000 does to a user other than root
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return image_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", refuse_the_locked_file)
+    with pytest.warns(UserWarning, match=f"Skipping unreadable image {locked}: .*Permission "
+                                         "denied"):
+        images = load_image_set(root, "cat", IMAGE_SIZE, tmp_path / "cache")
+    assert len(images) == PER_CLASS - 1
+
+
+def test_a_class_folder_that_cannot_be_listed_leaves_out_only_its_class(tmp_path, monkeypatch):
+    root = main.write_synthetic_afhq(tmp_path / "data", classes=("cat", "dog"), per_class=2,
+                                     size=24)
+    iterdir = Path.iterdir
+
+    def refuse_dog(folder):
+        if folder == root / "dog":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+        return iterdir(folder)
+
+    monkeypatch.setattr(Path, "iterdir", refuse_dog)
+    with pytest.warns(UserWarning, match=f"Skipping unreadable folder {root / 'dog'}: "
+                                         "Permission denied"):
+        files = trainer_module.list_image_files(root, "all")
+    assert [path.parent.name for path in files] == ["cat", "cat"]
+
+
+def test_main_trains_past_every_kind_of_unreadable_file_with_a_warning_for_each(
+        cats, tmp_path, capsys):
+    root, cat = cats
+    dangling_link(cat / "gone.png")
+    folder_named_like_an_image(cat / "folder.png")
+    fifo(cat / "pipe.png")
+    (cat / "text.png").write_text("not an image")
+    write_noise_png(cat / "cut.png", 24)
+    truncate(cat / "cut.png")
+    with pytest.warns(UserWarning) as warned:
+        status, out, errors = run_main([*TINY_FLAGS, "--train_steps", "2",
+                                        "--save_and_sample_every", "2", "--data_path", str(root),
+                                        "--save_folder", str(tmp_path / "results")], capsys)
+    skipped = sorted(Path(str(warning.message).split(": ")[0].split()[-1]).name
+                     for warning in warned if "Skipping unreadable" in str(warning.message))
+    assert skipped == ["cut.png", "folder.png", "gone.png", "pipe.png", "text.png"]
+    assert status == 0 and errors == [] and (tmp_path / "results" / "model.pt").is_file()
+    assert f"Skipped 2 unreadable image(s) of {PER_CLASS + 2}." in out
+
+
 def decode_one(path):
     """The reference image (3, S, S) that the trainer decodes from ``path``."""
     _, reference = decode_images([path], IMAGE_SIZE, workers=1)

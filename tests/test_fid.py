@@ -67,9 +67,12 @@ def test_fid_of_the_training_images_against_themselves_is_zero(afhq, tmp_path):
     assert scorer.score(scorer.reference_images) == pytest.approx(0, abs=1e-6)
 
 
-def test_fid_of_noise_against_the_training_images_is_large(afhq, tmp_path):
+def test_fid_grows_as_the_samples_move_away_from_the_training_images(afhq, tmp_path):
     scorer = fid_trainer(afhq, tmp_path, CountingExtractor(), data_class="all").fid_scorer
-    assert scorer.score(generated_images()) > 0.01
+    reference = scorer.reference_images
+    nearly = (reference.int() + torch.randint(-8, 9, reference.shape, generator=torch.Generator()
+                                              .manual_seed(0))).clamp(0, 255).to(torch.uint8)
+    assert scorer.score(generated_images()) > 10 * scorer.score(nearly) > 0
 
 
 def test_stale_sample_files_are_not_counted(afhq, tmp_path):
@@ -85,10 +88,12 @@ def test_stale_sample_files_are_not_counted(afhq, tmp_path):
     assert extractor.images_seen - seen_before == NUM_FID_SAMPLES
 
 
-def test_fid_works_for_a_given_image_set(afhq, tmp_path):
-    images = fid_trainer(afhq, tmp_path / "first", CountingExtractor()).ds
-    scorer = fid_trainer(afhq, tmp_path / "second", CountingExtractor(), image_set=images).fid_scorer
-    assert scorer.score(generated_images()) > 0
+def test_fid_of_a_given_image_set_compares_with_that_set_not_the_folder(afhq, tmp_path):
+    samples = generated_images()
+    given = trainer_module.ImageSet(train=torch.zeros(len(samples), 3, 17, 17, dtype=torch.uint8),
+                                    reference=samples, key="given")
+    scorer = fid_trainer(afhq, tmp_path, CountingExtractor(), image_set=given).fid_scorer
+    assert scorer.score(samples) == pytest.approx(0, abs=1e-6)
 
 
 def test_training_with_fid_on_all_classes_logs_scores_and_plots(afhq, tmp_path):

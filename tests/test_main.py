@@ -133,8 +133,8 @@ def test_flag_defaults_are_the_starters():
         train_steps=10000, save_and_sample_every=1000, fid=False, save_folder="./results",
         data_path="./data/train/", load_path=None, unet_dim_mults=[1, 2, 4, 8], image_size=32,
         batch_size=32, data_class="cat", time_steps=50, unet_dim=16, learning_rate=1e-3,
-        dataloader_workers=16, precision="auto", checkpoint_minutes=5, visualize=False,
-        demo=False)
+        dataloader_workers=16, precision="auto", checkpoint_minutes=5, download=False,
+        delete_zip=False, visualize=False, demo=False)
 
 
 def test_main_passes_settings_to_train_diffusion_by_keyword(tmp_path, monkeypatch):
@@ -227,7 +227,7 @@ def test_missing_data_exits_2_with_one_message_and_no_traceback(tmp_path):
                          str(tmp_path / "results")])
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: Data folder {missing} does not exist")
-    assert "gdown" in result.stderr and "Traceback" not in result.stderr
+    assert "--download" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_training_finishes_offline_with_no_wandb_key_and_stdin_closed(afhq, tmp_path):

@@ -14,6 +14,7 @@ import csv
 import math
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 import ipykernel.kernelspec
@@ -130,6 +131,7 @@ def part_b_run(jupyter_env, tmp_path_factory):
     The data is a fake AFHQ zip laid out like the real one (train/cat/*.png) and left in
     ./data/afhq_v2.zip, where the notebook's download step puts it, so the notebook skips the
     download but unzips it itself. Returns the folder it ran in and the executed notebook.
+    (``test_part_b_notebook_data_cell_*`` run the download itself, with a stand-in for gdown.)
     """
     folder = copy_part("A3_PartB", tmp_path_factory.mktemp("part_b"))
     fake_afhq = make_afhq_folder(tmp_path_factory.mktemp("afhq"), classes=("cat",),
@@ -180,9 +182,66 @@ def test_part_b_notebook_unzips_afhq_when_its_data_folder_is_missing(part_b_run)
     assert len(cats) == 40 + 2  # the fake tree adds one corrupt and one grayscale file
 
 
-def test_part_b_notebook_deletes_the_afhq_zip_once_unpacked(part_b_run):
+def test_part_b_notebook_keeps_the_afhq_zip_for_another_class(part_b_run):
     folder, _ = part_b_run
-    assert not (folder / "data" / "afhq_v2.zip").exists()
+    assert zipfile.is_zipfile(folder / "data" / "afhq_v2.zip")
+    assert sorted(path.name for path in (folder / "data").iterdir()) == ["afhq_v2.zip", "train"]
+
+
+GDOWN_STAND_IN = """
+import shutil, sys, types
+
+def copy_the_whole_zip(id, output, quiet, resume):
+    shutil.copyfile({whole_zip!r}, output)
+
+sys.modules["gdown"] = types.SimpleNamespace(download=copy_the_whole_zip)
+"""
+
+
+def run_through_the_data_cell(folder, settings):
+    """Run Part B's notebook in ``folder`` up to and including its data cell (the one calling
+    ``download_afhq``), with ``settings`` injected; returns what that cell printed."""
+    notebook = nbformat.read(folder / "run_diffusion.ipynb", as_version=4)
+    data_cell = next(index for index, cell in enumerate(notebook.cells)
+                     if "download_afhq(" in cell.source)
+    notebook.cells = notebook.cells[:data_cell + 1]
+    inject_settings(notebook, settings)
+    NotebookClient(notebook, kernel_name="python3", timeout=CELL_TIMEOUT_S,
+                   resources={"metadata": {"path": str(folder)}}).execute()
+    return "".join(output.get("text", "") for output in notebook.cells[-1].outputs)
+
+
+def cut_short_download(data, whole_zip):
+    """The zip cut short by a disconnect, and the temporary folder of an unzip cut short."""
+    (data / "afhq_v2.zip").write_bytes(whole_zip.read_bytes()[:-100])
+    (data / ".cat.unzipping").mkdir()
+    (data / ".cat.unzipping" / "cat_0000.png").write_bytes(b"cut")
+
+
+def cut_short_unzip_by_hand(data, whole_zip):
+    """A whole zip, and a cat folder unzipped by hand (the README's old commands) and cut short."""
+    shutil.copyfile(whole_zip, data / "afhq_v2.zip")
+    with zipfile.ZipFile(whole_zip) as archive:
+        archive.extract("train/cat/cat_0000.png", data)
+
+
+@pytest.mark.parametrize("cut_short, said", [
+    (cut_short_download, "probably a download cut short: downloading it again."),
+    (cut_short_unzip_by_hand, "(an unzip cut short): unzipping it again."),
+])
+def test_part_b_notebook_data_cell_run_again_after_a_disconnect_ends_in_the_full_folder(
+        jupyter_env, tmp_path, cut_short, said):
+    folder = copy_part("A3_PartB", tmp_path)
+    fake_train = make_afhq_folder(tmp_path / "afhq", classes=("cat", "dog"), per_class=3, size=8)
+    whole_zip = Path(shutil.make_archive(str(tmp_path / "whole"), "zip",
+                                         root_dir=fake_train.parent))
+    (folder / "data").mkdir()
+    cut_short(folder / "data", whole_zip)
+    printed = run_through_the_data_cell(folder, GDOWN_STAND_IN.format(whole_zip=str(whole_zip)))
+    assert said in printed
+    unzipped = {path.name: path.read_bytes() for path in (folder / "data/train/cat").iterdir()}
+    assert unzipped == {path.name: path.read_bytes() for path in (fake_train / "cat").iterdir()}
+    assert sorted(path.name for path in (folder / "data" / "train").iterdir()) == ["cat"]
 
 
 @pytest.mark.parametrize("figure", [

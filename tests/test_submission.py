@@ -134,10 +134,12 @@ def test_default_output_is_a3_submission_zip_in_the_repository(repo):
 
 
 def test_every_packed_file_is_printed_with_its_size(repo, tmp_path):
+    (repo / "A3_PartB" / "unet.py").write_text("#" * 3 * 1024)
     result = run_submission(repo, "--output", str(tmp_path / "out.zip"))
-    for name in PART_A_FILES | PART_B_FILES:
-        assert name in result.stdout
-    assert "KiB" in result.stdout
+    printed = dict(line.split(maxsplit=1) for line in result.stdout.splitlines()
+                   if line.startswith("  "))
+    assert printed.keys() == PART_A_FILES | PART_B_FILES
+    assert printed["A3_PartB/unet.py"].strip() == "3.0 KiB"
 
 
 def test_unexecuted_notebook_is_warned_about_on_stderr(repo, tmp_path):

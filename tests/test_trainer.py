@@ -58,7 +58,7 @@ def test_class_root_is_found_from_dataset_root_or_train_folder(tmp_path, layout,
 
 
 @pytest.mark.parametrize("working_folder, root", [(".", "./A3_PartB/data"), ("A3_PartB", "./data")])
-def test_missing_folder_error_gives_the_download_commands_from_where_the_user_stands(
+def test_missing_folder_error_says_to_add_download_and_where_the_zip_goes(
         tmp_path, monkeypatch, working_folder, root):
     (tmp_path / "A3_PartB").mkdir()
     monkeypatch.chdir(tmp_path / working_folder)
@@ -66,8 +66,8 @@ def test_missing_folder_error_gives_the_download_commands_from_where_the_user_st
     with pytest.raises(FileNotFoundError) as error:
         load_image_set(missing, "cat", IMAGE_SIZE, tmp_path / "cache")
     assert str(missing) in str(error.value)
-    assert f"gdown 1-1npXlqCw1CYQ5SBbrlSgZdA9TEwZre4 -O {root}/afhq_v2.zip" in str(error.value)
-    assert f"unzip -q {root}/afhq_v2.zip -d {root}" in str(error.value)
+    assert f"(a 6.5 GB zip, into {root}) by running the command again with --download added" \
+        in str(error.value)
 
 
 def test_decoding_progress_ends_at_every_image(afhq, tmp_path, capsys):
@@ -252,11 +252,14 @@ def test_training_reduces_the_loss_on_blob_images(afhq, tmp_path):
 
 
 def test_metrics_csv_and_loss_plot_are_written(afhq, tmp_path):
-    make_trainer(afhq, tmp_path, train_num_steps=4, log_every=2).train()
+    trainer = make_trainer(afhq, tmp_path, train_num_steps=4, log_every=2)
+    trainer.train()
     with open(tmp_path / "metrics.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     assert [row["step"] for row in rows] == ["1", "2", "3", "4"]
-    assert all(float(row["loss"]) > 0 and row["fid"] == "" for row in rows)
+    assert [float(row["loss"]) for row in rows] == pytest.approx(
+        [row["loss"] for row in trainer.history], rel=1e-6)
+    assert len({row["loss"] for row in rows}) == 4 and all(row["fid"] == "" for row in rows)
     assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
     assert not (tmp_path / "fid.png").exists()
 
@@ -567,7 +570,8 @@ def fake_cuda_graphs(monkeypatch):
     return graphs
 
 
-def test_cuda_graph_captures_after_warm_up_then_only_replays(fake_cuda_graphs):
+def test_cuda_graph_logic_with_fake_graphs_captures_after_warm_up_then_only_replays(
+        fake_cuda_graphs):
     calls = []
     graphed = CudaGraphed(lambda: calls.append(1) or torch.tensor(float(len(calls))))
     outputs = [graphed() for _ in range(3)]
@@ -577,7 +581,7 @@ def test_cuda_graph_captures_after_warm_up_then_only_replays(fake_cuda_graphs):
     assert outputs[0].item() == CudaGraphed.WARMUP_CALLS + 1
 
 
-def test_failed_cuda_graph_capture_warns_and_runs_eagerly(monkeypatch):
+def test_cuda_graph_logic_with_a_faked_capture_failure_warns_and_runs_eagerly(monkeypatch):
     def no_capture():
         raise RuntimeError("operation not permitted when stream is capturing")
 
@@ -592,20 +596,22 @@ def test_failed_cuda_graph_capture_warns_and_runs_eagerly(monkeypatch):
 
 @pytest.mark.parametrize("capability, dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
                                                ((9, 0), torch.bfloat16)])
-def test_mixed_precision_is_fp16_on_a_t4_and_bf16_from_ampere_on(monkeypatch, capability, dtype):
+def test_mixed_precision_logic_with_faked_gpu_capabilities_is_fp16_on_a_t4_bf16_from_ampere(
+        monkeypatch, capability, dtype):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert autocast_dtype(torch.device("cuda")) == dtype
 
 
 @pytest.mark.parametrize("device, fused", [("cuda", True), ("cpu", False)])
-def test_adam_is_fused_on_a_gpu_so_a_grad_scaler_needs_no_host_sync(device, fused):
+def test_adam_is_built_fused_for_a_gpu_so_a_grad_scaler_needs_no_host_sync(device, fused):
     optimizer = adam([torch.nn.Parameter(torch.zeros(3))], 1e-3, torch.device(device))
     assert optimizer.defaults["fused"] is fused
     assert getattr(optimizer, "_step_supports_amp_scaling", False) is fused
 
 
 @pytest.mark.parametrize("native_bf16, dtype", [(True, torch.bfloat16), (False, None)])
-def test_mixed_precision_on_a_cpu_is_bf16_only_where_the_cpu_has_it(monkeypatch, native_bf16, dtype):
+def test_mixed_precision_logic_with_a_faked_cpu_flag_is_bf16_only_where_the_cpu_has_it(
+        monkeypatch, native_bf16, dtype):
     monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: native_bf16)
     assert autocast_dtype(torch.device("cpu")) is dtype
 

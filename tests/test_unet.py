@@ -104,6 +104,7 @@ def test_unet_honours_out_dim_and_channels():
 
 def test_unet_accepts_a_first_width_other_than_dim():
     model = Unet(8, init_dim=16, dim_mults=(1, 2))
+    assert model.init_conv.out_channels == 16 and model.downs[0][0].block1.proj.in_channels == 16
     assert model(torch.randn(2, 3, 8, 8), torch.tensor([3, 4])).shape == (2, 3, 8, 8)
 
 
