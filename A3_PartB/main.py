@@ -75,6 +75,9 @@ def build_parser():
     parser.add_argument("--checkpoint_minutes", type=float, default=CHECKPOINT_MINUTES,
                         help="minutes of training between checkpoints besides the milestones, "
                              "so a kill loses at most that much")
+    parser.add_argument("--no_cuda_graph", dest="cuda_graph", action="store_false",
+                        help="on a GPU, run each training step eagerly instead of replaying it "
+                             "as a CUDA graph (for a capture that fails)")
     parser.add_argument("--download", action="store_true",
                         help="first download AFHQ (a 6.5 GB zip, kept beside the train folder) "
                              "and unzip --data_class into --data_path, where missing; run again "
@@ -216,7 +219,8 @@ def write_synthetic_afhq(root, classes=("cat", "dog", "wild"), per_class=100, si
 
 def run_demo(save_folder="./results", train_steps=DEMO_STEPS["train_steps"],
              save_and_sample_every=DEMO_STEPS["save_and_sample_every"], fid=False,
-             checkpoint_minutes=CHECKPOINT_MINUTES, fid_feature_extractor=None, **settings):
+             checkpoint_minutes=CHECKPOINT_MINUTES, fid_feature_extractor=None, cuda_graph=True,
+             **settings):
     """Train on 300 synthetic 64x64 "cats" and draw both process figures; needs no download.
 
     With the handout's model, the demo takes about a minute on a 2-core CPU. ``settings`` are
@@ -228,7 +232,7 @@ def run_demo(save_folder="./results", train_steps=DEMO_STEPS["train_steps"],
     settings = {**settings, "save_folder": save_folder, "data_path": data_path, "fid": fid,
                 "train_steps": train_steps, "save_and_sample_every": save_and_sample_every}
     train_diffusion(**settings, checkpoint_minutes=checkpoint_minutes,
-                    fid_feature_extractor=fid_feature_extractor)
+                    fid_feature_extractor=fid_feature_extractor, cuda_graph=cuda_graph)
     return visualize_diffusion(**{**settings, "load_path": None})  # the model just trained
 
 
@@ -254,8 +258,9 @@ def main(argv=None):
     if demo:
         settings = demo_settings(settings, vars(parser.parse_args([])))
     try:
-        training = {"fid_feature_extractor": check_flags(settings, visualize),
-                    "checkpoint_minutes": settings.pop("checkpoint_minutes")}  # training only
+        training = {"fid_feature_extractor": check_flags(settings, visualize),  # training only
+                    "checkpoint_minutes": settings.pop("checkpoint_minutes"),
+                    "cuda_graph": settings.pop("cuda_graph")}
         if download and not demo:
             download_afhq(settings["data_path"], settings["data_class"], keep_zip=not delete_zip)
         if demo:

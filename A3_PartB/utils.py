@@ -52,13 +52,16 @@ def train_diffusion(train_steps, save_and_sample_every, fid, save_folder, data_p
                     load_path=None, unet_dim_mults=[1, 2, 4, 8], image_size=32, batch_size=32,
                     data_class="cat", time_steps=50, unet_dim=16, learning_rate=1e-3,
                     dataloader_workers=16, Diffusion=None, precision="auto",
-                    checkpoint_minutes=CHECKPOINT_MINUTES, fid_feature_extractor=None):
+                    checkpoint_minutes=CHECKPOINT_MINUTES, fid_feature_extractor=None,
+                    cuda_graph=True):
     """Parts 1, 2 and 5: train (resuming from ``load_path`` if given); returns the Trainer.
 
     ``precision`` (beyond the starter's arguments): "auto" (mixed precision where the device
     runs it natively), "fp32", "bf16" or "fp16" (CUDA only); see ``trainer.autocast_dtype``.
     ``fid_feature_extractor``: the FID network, when the caller has built it (main.py's --fid
-    check does); None builds clean-fid's Inception at the first FID.
+    check does); None builds clean-fid's Inception at the first FID. ``cuda_graph=False`` turns
+    off the CUDA graph of the training step on a GPU (for a capture that fails; see
+    ``Trainer.loss_and_gradients``).
 
     ``trainer.history`` holds the logged rows (step, loss, fid); the checkpoint, sample grids,
     loss.png, fid.png and metrics.csv are in ``save_folder``. Besides the milestones, model.pt

@@ -7,29 +7,35 @@ table and JSON.
         --sections pipeline training lucidrains sampling precision part1   # a 2-core CPU
 
 It writes its own AFHQ-layout folder of synthetic 512x512 images (nothing is downloaded) and
-measures, in one run (``--sections`` picks some):
+measures, in one run (``--sections`` picks some), after the machine: the CPU's capability
+(AVX2, AVX512, ...), whether it runs bf16 natively, the rate of a 2048^3 matmul in fp32 (and
+bf16 where native), the limit each training figure is given as a share of, and the GFLOP of a
+training step (torch's FLOP counter):
   * pipeline: the cached on-device tensor of trainer.py against decoding the image files every
     step as the original starter did (torchvision transforms in a DataLoader);
-  * training: steady-state steps/s at the handout's settings (batch 32, accumulation 2, T=50,
-    dim 16, 32x32) with the Trainer's defaults and with each choice it leaves open (precision;
-    the CUDA graph on a GPU), with the mean loss of the timed steps beside each;
-  * lucidrains: seconds per step of this package's Trainer and of lucidrains' Trainer, each from
-    the difference of a 5-step and a 25-step run (setup and the final grid cancel out), and
-    sampling 512 images with lucidrains' ``sample``;
+  * training: a plain fp32 step (loss, backward, Adam) and the steady-state steps/s of the
+    Trainer at the handout's settings (batch 32, accumulation 2, T=50, dim 16, 32x32) with its
+    defaults and with each choice it leaves open (precision; the CUDA graph on a GPU), with
+    the mean loss of the timed steps beside each;
+  * lucidrains: seconds per step of this package's Trainer and of lucidrains' Trainer (fp32,
+    and its bf16 where native), each from the difference of a 5-step and a 25-step run, and
+    128 samples with each sampler: every figure from a fresh process;
   * sampling: images/s for 512 samples of 50 steps, with each precision;
   * precision: 300 seeded steps in mixed precision and in float32, the mean loss of the last 100;
   * fid: one FID evaluation with cached reference statistics against recomputing them, with an
     Inception-v3-sized network (random weights) standing in for clean-fid's Inception offline;
   * part1, part2, part5: end-to-end wall time of Part 1 (no FID), Part 2 (FID at every grid)
     and Part 5 (10,000 steps, only when asked for).
+To measure what a CPU without AVX-512 does, cap PyTorch, oneDNN and MKL at AVX2 on this one:
+``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``.
 """
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +43,7 @@ import torch
 import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "A3_PartB"))
@@ -99,7 +106,7 @@ def write_cat(args):
 def write_dataset(root, count):
     folder = root / "train" / "cat"
     folder.mkdir(parents=True, exist_ok=True)
-    with Pool(os.cpu_count()) as pool:
+    with multiprocessing.Pool(os.cpu_count()) as pool:
         pool.map(write_cat, [(folder, index) for index in range(count)], chunksize=50)
     return root / "train", sum(path.stat().st_size for path in folder.iterdir()) / count
 
@@ -165,6 +172,66 @@ def trained(image_set, results, device, steps, **options):
     return seconds, trainer
 
 
+def matmul_gflops(dtype, size=2048, repeats=5):
+    """The CPU's (or GPU's) rate on one large matmul: the limit its training step is held to."""
+    device = trainer_module.default_device()
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    a @ b
+    best = min(timed(lambda: a @ b, device)[0] for _ in range(repeats))
+    return 2 * size ** 3 / best / 1e9
+
+
+def handout_model_and_batch(device):
+    torch.manual_seed(0)
+    diffusion = Diffusion(Unet(HANDOUT["unet_dim"]), image_size=HANDOUT["image_size"],
+                          timesteps=HANDOUT["time_steps"]).to(device)
+    x_0 = torch.rand(2 * HANDOUT["batch_size"], 3, HANDOUT["image_size"], HANDOUT["image_size"],
+                     device=device) * 2 - 1
+    return diffusion, x_0
+
+
+def step_gflop():
+    """GFLOP of one training step of the handout's model: forward and backward of a batch of
+    64 (two accumulated batches of 32), by torch's FLOP counter."""
+    diffusion, x_0 = handout_model_and_batch(torch.device("cpu"))
+    with FlopCounterMode(display=False) as counter:
+        diffusion(x_0, torch.randn_like(x_0)).backward()
+    return counter.get_total_flops() / 1e9
+
+
+def plain_fp32_step_seconds(device, steps=5):
+    """Median seconds of a plain float32 step (loss, backward, Adam), no Trainer around it."""
+    diffusion, x_0 = handout_model_and_batch(device)
+    if device.type == "cpu":
+        trainer_module.keep_freed_memory_for_reuse()  # as the Trainer does on a CPU
+    optimizer = torch.optim.Adam(diffusion.parameters(), lr=1e-3)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        diffusion(x_0, torch.randn_like(x_0)).backward()
+        optimizer.step()
+
+    step()
+    times = sorted(timed(step, device)[0] for _ in range(steps))
+    return times[len(times) // 2]
+
+
+def machine_figures(device, figures):
+    """The machine, and the rates its training figures are measured against."""
+    figures["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    figures["cpu_native_bf16"] = trainer_module.cpu_has_native_bf16()
+    figures["matmul_gflops[fp32]"] = round(matmul_gflops(torch.float32), 1)
+    if trainer_module.autocast_dtype(device) == torch.bfloat16:
+        figures["matmul_gflops[bf16]"] = round(matmul_gflops(torch.bfloat16), 1)
+    figures["train_step_gflop"] = round(step_gflop(), 1)
+
+
+def share_of_limit(figures, steps_per_s, precision):
+    """The step's arithmetic rate as a share of the matmul rate of its precision."""
+    limit = figures.get(f"matmul_gflops[{precision}]", figures["matmul_gflops[fp32]"])
+    return f"{figures['train_step_gflop'] * steps_per_s / limit:.0%}"
+
+
 def time_precision_options(image_set, results, device, args, figures):
     """Steps/s of each option set, from the difference of a ``WARMUP_STEPS`` run and one of
     ``timed_steps`` more (setup, the warm-up with cuDNN's choices and the CUDA graph's capture,
@@ -173,7 +240,11 @@ def time_precision_options(image_set, results, device, args, figures):
         short, _ = trained(image_set, results / "speed", device, WARMUP_STEPS, **options)
         long, trainer = trained(image_set, results / "speed", device,
                                 WARMUP_STEPS + args.timed_steps, **options)
-        figures[f"train_steps_per_s[{name}]"] = round(args.timed_steps / (long - short), 2)
+        steps_per_s = args.timed_steps / (long - short)
+        figures[f"train_steps_per_s[{name}]"] = round(steps_per_s, 2)
+        precision = options.get("precision") or ("bf16" if "bf16" in name else "fp32")
+        figures[f"train_share_of_{precision}_matmul_rate[{name}]"] = share_of_limit(
+            figures, steps_per_s, precision)
         losses = [row["loss"] for row in trainer.history[WARMUP_STEPS:]]
         figures[f"train_loss[{name}]"] = round(sum(losses) / len(losses), 4)
         if device.type == "cuda":
@@ -221,16 +292,49 @@ def lucidrains_diffusion():
                                         beta_schedule="cosine")
 
 
-def lucidrains_seconds(steps, data_path, results):
-    """Wall time of ``steps`` steps of lucidrains' Trainer (its defaults: fp32, EMA, images
-    decoded by DataLoader workers at every step) with the handout's batch, accumulation and rate."""
+def lucidrains_seconds(steps, data_path, results, precision):
+    """Wall time of ``steps`` steps of lucidrains' Trainer (its defaults: EMA, images decoded by
+    DataLoader workers at every step) with the handout's batch, accumulation and rate, in
+    float32 or in its own bf16 mixed precision (``amp``)."""
     from denoising_diffusion_pytorch import Trainer as LucidrainsTrainer
     trainer = LucidrainsTrainer(lucidrains_diffusion(), str(data_path / "cat"),
                                 train_batch_size=HANDOUT["batch_size"], gradient_accumulate_every=2,
                                 train_lr=1e-3, train_num_steps=steps, save_and_sample_every=10 ** 9,
-                                results_folder=str(results), calculate_fid=False)
+                                results_folder=str(results), calculate_fid=False,
+                                amp=precision == "bf16", mixed_precision_type="bf16")
     seconds, _ = timed(trainer.train, trainer.device)
     return seconds
+
+
+def lucidrains_sampling_seconds(count, precision):
+    """Wall time of lucidrains' ``sample`` of ``count`` images (bf16: under autocast)."""
+    device = trainer_module.default_device()
+    diffusion = lucidrains_diffusion().to(device).eval()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        seconds, _ = timed(lambda: diffusion.sample(batch_size=count), device)
+    return seconds
+
+
+def our_sampling_seconds(count, precision):
+    """Wall time of ``count`` samples by this package's Trainer (its ``sample_images``)."""
+    device = trainer_module.default_device()
+    torch.manual_seed(0)
+    diffusion = Diffusion(Unet(HANDOUT["unet_dim"]), image_size=HANDOUT["image_size"],
+                          timesteps=HANDOUT["time_steps"])
+    images = torch.zeros(2, 3, 36, 36, dtype=torch.uint8)
+    image_set = trainer_module.ImageSet(train=images, reference=images[:, :, :32, :32], key="none")
+    with tempfile.TemporaryDirectory() as results:
+        trainer = trainer_module.Trainer(diffusion, None, image_set=image_set, device=device,
+                                         results_folder=results, precision=precision)
+        seconds, _ = timed(lambda: trainer.sample_images(count), device)
+    return seconds
+
+
+def in_fresh_process(function, *args):
+    """``function(*args)`` in a new Python process: nothing one library sets for its process
+    (threads, the allocator's settings) carries over to the next measured."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
 
 
 def seconds_per_step(run, short, long):
@@ -238,29 +342,41 @@ def seconds_per_step(run, short, long):
     return (run(long) - run(short)) / (long - short)
 
 
-def compare_with_lucidrains(data_path, results, device, figures, short=5, long=25):
-    """Seconds per training step of this package's Trainer and lucidrains', and sampling 512
-    images with each, in one run."""
+def lucidrains_precisions(device):
+    """lucidrains' options worth timing here: float32, and its bf16 where the CPU or GPU runs
+    bf16 natively (elsewhere it is emulated: 15.5 s/step against 2.5 on an AVX2-only CPU)."""
+    native = trainer_module.autocast_dtype(device) == torch.bfloat16
+    return ["fp32", "bf16"] if native else ["fp32"]
+
+
+def compare_with_lucidrains(data_path, results, device, figures, short=5, long=25,
+                            samples=128):
+    """Seconds per training step of this package's Trainer and of lucidrains' best option, and
+    images/s of each sampler, every figure from its own fresh process, in one run."""
     if lucidrains_diffusion() is None:
         figures["lucidrains"] = "not installed: pip install -r benchmarks/requirements.txt"
         return
     cache = results / "cache"
-    ours = seconds_per_step(lambda steps: trainer_seconds(steps, data_path, results / "ours", cache),
-                            short, long)
-    theirs = seconds_per_step(lambda steps: lucidrains_seconds(steps, data_path,
-                                                               results / "lucidrains"), short, long)
-    figures["train_s_per_step[this package's Trainer]"] = round(ours, 3)
-    figures["train_s_per_step[lucidrains Trainer]"] = round(theirs, 3)
-    figures["train_speedup_over_lucidrains"] = round(theirs / ours, 2)
-    diffusion = lucidrains_diffusion().to(device).eval()
-    seconds, _ = timed(lambda: diffusion.sample(batch_size=SAMPLES), device)
-    figures["sampling_img_per_s[lucidrains sample]"] = round(SAMPLES / seconds, 1)
+    ours = seconds_per_step(lambda steps: in_fresh_process(
+        trainer_seconds, steps, data_path, results / "ours", cache), short, long)
+    figures["train_s_per_step[this package's Trainer, default precision]"] = round(ours, 3)
+    theirs = {}
+    for precision in lucidrains_precisions(device):
+        theirs[precision] = seconds_per_step(lambda steps: in_fresh_process(
+            lucidrains_seconds, steps, data_path, results / "lucidrains", precision), short, long)
+        figures[f"train_s_per_step[lucidrains Trainer, {precision}]"] = round(theirs[precision], 3)
+    best = min(theirs, key=theirs.get)
+    figures["train_speedup_over_lucidrains_best"] = f"{theirs[best] / ours:.2f}x (its {best})"
+    for precision in lucidrains_precisions(device):
+        mine = samples / in_fresh_process(our_sampling_seconds, samples, precision)
+        others = samples / in_fresh_process(lucidrains_sampling_seconds, samples, precision)
+        figures[f"sampling_img_per_s[{samples} images, {precision}: ours / lucidrains]"] = (
+            f"{mine:.2f} / {others:.2f} = {mine / others:.2f}x")
 
 
 def sampling_images_per_s(trainer, device):
     """Images per second of ``SAMPLES`` samples of Algorithm 2, as the Trainer draws its grids."""
-    with trainer._autocast():
-        seconds, _ = timed(lambda: trainer.model.sample(SAMPLES), device)
+    seconds, _ = timed(lambda: trainer.sample_images(SAMPLES), device)
     return SAMPLES / seconds
 
 
@@ -321,8 +437,8 @@ def run(args, workdir, figures):
     device = trainer_module.default_device()
     figures["device"] = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     figures["cpus"] = os.cpu_count()
-    figures["cpu_native_bf16"] = trainer_module.cpu_has_native_bf16()
     figures["torch"] = torch.__version__
+    machine_figures(device, figures)
     figures["images"] = args.images
     data_path, mean_file_size = write_dataset(workdir / "data", args.images)
     figures["mean_png_kb"] = round(mean_file_size / 1024)
@@ -338,6 +454,10 @@ def run(args, workdir, figures):
         figures["pipeline_cached_tensor_img_per_s"] = round(
             cached_pipeline_images_per_s(image_set, 200, device))
     if "training" in sections:
+        seconds = plain_fp32_step_seconds(device)
+        figures["plain_fp32_step_s"] = round(seconds, 3)
+        figures["plain_fp32_step_share_of_fp32_matmul_rate"] = share_of_limit(
+            figures, 1 / seconds, "fp32")
         time_precision_options(image_set, results, device, args, figures)
     if "lucidrains" in sections:
         compare_with_lucidrains(data_path, results, device, figures)

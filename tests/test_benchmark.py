@@ -6,10 +6,12 @@ make sense.
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark.py"
@@ -28,11 +30,40 @@ def test_benchmark_reports_pipeline_and_training_figures_as_json(tmp_path):
     training = {name: value for name, value in figures.items() if name.startswith("train_steps_per_s")}
     assert set(training) == {"train_steps_per_s[default (bf16)]", "train_steps_per_s[fp32]"} or \
         set(training) == {"train_steps_per_s[default (fp32)]", "train_steps_per_s[fp32]"}
-    # each from the difference of two short runs: a number, but too few steps here to be a speed
-    assert all(isinstance(value, float) for value in training.values())
+    # each from the difference of two short runs: too few steps here to be a speed, but each
+    # share of the limit is the step's GFLOP times its rate over the matmul rate
+    for name, steps_per_s in training.items():
+        option = name[len("train_steps_per_s"):]
+        precision = "bf16" if "bf16" in option else "fp32"
+        limit = figures.get(f"matmul_gflops[{precision}]", figures["matmul_gflops[fp32]"])
+        share = figures[f"train_share_of_{precision}_matmul_rate{option}"]
+        expected = figures["train_step_gflop"] * steps_per_s / limit
+        assert abs(float(share.rstrip("%")) - 100 * expected) <= 0.5 + 0.01 * 100 * expected
+    assert figures["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert ("matmul_gflops[bf16]" in figures) == ("train_steps_per_s[default (bf16)]" in figures)
     losses = [value for name, value in figures.items() if name.startswith("train_loss")]
     assert len(losses) == 2 and all(0 < loss < 2 for loss in losses)  # L1 of unit-normal noise
     assert not any(name.startswith("sampling") for name in figures)  # only the sections asked for
+
+
+def test_a_training_step_of_the_handouts_model_is_counted_at_its_flops():
+    # the U-Net's convolutions alone: 2 * pixels * k^2 * c_in * c_out per image, times 3 for
+    # forward and backward; the attention and the rest add a little
+    benchmark = load_benchmark()
+    gflop = benchmark.step_gflop()
+    assert 45 < gflop < 70
+
+
+def test_each_peer_figure_comes_from_a_fresh_process():
+    benchmark = load_benchmark()
+    assert benchmark.in_fresh_process(os.getpid) != os.getpid()
+
+
+@pytest.mark.parametrize("default, timed", [(torch.bfloat16, ["fp32", "bf16"]), (None, ["fp32"])])
+def test_lucidrains_bf16_is_timed_only_where_bf16_is_native(monkeypatch, default, timed):
+    benchmark = load_benchmark()
+    monkeypatch.setattr(benchmark.trainer_module, "autocast_dtype", lambda device: default)
+    assert benchmark.lucidrains_precisions(torch.device("cpu")) == timed
 
 
 def load_benchmark():

@@ -133,8 +133,8 @@ def test_flag_defaults_are_the_starters():
         train_steps=10000, save_and_sample_every=1000, fid=False, save_folder="./results",
         data_path="./data/train/", load_path=None, unet_dim_mults=[1, 2, 4, 8], image_size=32,
         batch_size=32, data_class="cat", time_steps=50, unet_dim=16, learning_rate=1e-3,
-        dataloader_workers=16, precision="auto", checkpoint_minutes=5, download=False,
-        delete_zip=False, visualize=False, demo=False)
+        dataloader_workers=16, precision="auto", checkpoint_minutes=5, cuda_graph=True,
+        download=False, delete_zip=False, visualize=False, demo=False)
 
 
 def test_main_passes_settings_to_train_diffusion_by_keyword(tmp_path, monkeypatch):
@@ -145,7 +145,14 @@ def test_main_passes_settings_to_train_diffusion_by_keyword(tmp_path, monkeypatc
                       "--save_folder", str(tmp_path)]) == 0
     assert received[0]["fid"] is True and received[0]["unet_dim_mults"] == [1, 2]
     assert received[0]["data_class"] == "all" and received[0]["load_path"] is None
-    assert received[0]["precision"] == "auto"
+    assert received[0]["precision"] == "auto" and received[0]["cuda_graph"] is True
+
+
+def test_no_cuda_graph_reaches_the_trainer(tmp_path, monkeypatch):
+    received = []
+    monkeypatch.setattr(main, "train_diffusion", lambda **settings: received.append(settings))
+    assert main.main(["--no_cuda_graph", "--save_folder", str(tmp_path)]) == 0
+    assert received[0]["cuda_graph"] is False
 
 
 def test_the_fid_network_built_by_the_fid_check_is_the_one_training_uses(tmp_path, monkeypatch):

