@@ -37,6 +37,7 @@ PARTS = {  # part -> (file checked, its contract, the variable naming the file, 
     "B": ("diffusion.py", "tests/test_diffusion_contract.py", "A3_DIFFUSION", ()),
 }
 MEMORY_SIGNS = ("MemoryError", "not enough memory", "Cannot allocate memory", "bad_alloc", "out of memory")
+FILE_SIZE_SIGNS = ("File too large",)
 PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
 MiB = 2 ** 20
 
@@ -169,7 +170,12 @@ def run_box(box, config, limits, protected, cgroup):
     except subprocess.TimeoutExpired:
         timed_out = True
     kill_box(child, cgroup)  # all of it at its time limit, else what it left running
-    return child.returncode, timed_out
+    return exit_status(child.returncode), timed_out
+
+
+def exit_status(returncode):
+    """A return code as a shell gives it: 128 + the number of the signal that ended a process."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def kill_box(child, cgroup):
@@ -268,15 +274,16 @@ def judge(part, shown_as, records, returncode, timed_out, log_tail, limits, seco
 
 
 def verdict(returncode, timed_out, records, failures, warnings, log_tail, limits):
-    """(verdict, its cause in one line)."""
+    """(verdict, its cause in one line). A signal that ended the box's contract comes as the
+    return code 128 + its number."""
     finished = any("done" in record for record in records)
     running = f" (running {records[-1].get('test', '')}...)" if records and not finished else ""
-    if timed_out or returncode == -signal.SIGXCPU:
+    causes = [failure["message"] for failure in failures] + ([] if finished else [last_line(log_tail)])
+    if timed_out or returncode == 128 + signal.SIGXCPU:
         used = f"{limits.seconds:g} s" if timed_out else f"{limits.cpu_seconds} s of CPU time"
         return "timeout", f"did not finish within {used}: stopped{running}"
-    if returncode == -signal.SIGXFSZ:
+    if returncode == 128 + signal.SIGXFSZ or any(sign in cause for cause in causes for sign in FILE_SIZE_SIGNS):
         return "error", f"wrote more than {limits.file_bytes // MiB} MiB to one file (printed output counts): stopped"
-    causes = [failure["message"] for failure in failures] + ([] if finished else [last_line(log_tail)])
     if any(sign in cause for cause in causes for sign in MEMORY_SIGNS):
         return "memory", f"ran out of memory (limit {limits.memory_bytes / 2 ** 30:g} GiB): {first_with_memory(causes)}"
     if not finished:
@@ -297,8 +304,10 @@ def first_with_memory(causes):
 
 
 def how_it_ended(returncode):
-    if returncode is not None and returncode < 0:
-        return f"killed by {signal.Signals(-returncode).name}"
+    """'killed by SIGKILL' for a return code of 128 + a signal's number, else 'exit status N'."""
+    names = {number.value: number.name for number in signal.Signals}
+    if returncode - 128 in names:
+        return f"killed by {names[returncode - 128]}"
     return f"exit status {returncode}"
 
 
@@ -312,16 +321,19 @@ def last_line(text):
 
 def enter_box(config_path):
     """The child's first step: join the cgroup, make the file system read-only outside home, set
-    the limits, drop every capability (by running again under setpriv), then run the contract."""
+    the limits, then run the contract in a child of its own, without any capability where the
+    file system is read-only. Exit as that child did, a signal that ended it as 128 + its number
+    (``unshare`` hides signals, and so reports them)."""
     config = json.loads(Path(config_path).read_text())
     if config["cgroup"]:
         Path(config["cgroup"], "cgroup.procs").write_text("0")  # 0: this process
+    if config["read_only"]:
+        make_read_only_outside(config["home"])
     set_limits(config["limits"])
-    if not config["read_only"]:
-        return run_contract(config)
-    make_read_only_outside(config["home"])
-    os.execvp("setpriv", ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--",
-                          sys.executable, __file__, "--run-contract", config_path])
+    without_capabilities = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--"]
+    contract = subprocess.run([*(without_capabilities if config["read_only"] else []),
+                               sys.executable, __file__, "--run-contract", config_path])
+    sys.exit(exit_status(contract.returncode))
 
 
 def set_limits(limits):
