@@ -296,7 +296,7 @@ def verdict(returncode, timed_out, records, failures, warnings, log_tail, limits
     if warnings:
         return "portability", warnings[0]
     not_run = [record for record in records if record.get("outcome") == "skipped" and "not run" in record["message"]]
-    return "pass", f"not run: {not_run[0]['message']}" if not_run else ""
+    return "pass", not_run[0]["message"] if not_run else ""
 
 
 def first_with_memory(causes):
@@ -337,13 +337,16 @@ def enter_box(config_path):
 
 
 def set_limits(limits):
+    """The box's resource limits, inherited by everything it starts."""
     import resource  # POSIX only
 
-    for name, value in [("RLIMIT_AS", limits["memory_bytes"]), ("RLIMIT_CPU", limits["cpu_seconds"]),
-                        ("RLIMIT_FSIZE", limits["file_bytes"]), ("RLIMIT_NPROC", limits["processes"]),
-                        ("RLIMIT_CORE", 0)]:
+    cpu = limits["cpu_seconds"]
+    for name, soft, hard in [("RLIMIT_AS", limits["memory_bytes"], limits["memory_bytes"]),
+                             ("RLIMIT_CPU", cpu, cpu + 5),  # SIGXCPU at the soft limit, SIGKILL at the hard one
+                             ("RLIMIT_FSIZE", limits["file_bytes"], limits["file_bytes"]),
+                             ("RLIMIT_NPROC", limits["processes"], limits["processes"]), ("RLIMIT_CORE", 0, 0)]:
         if hasattr(resource, name):
-            resource.setrlimit(getattr(resource, name), (value, value))
+            resource.setrlimit(getattr(resource, name), (soft, hard))
 
 
 def make_read_only_outside(home):
