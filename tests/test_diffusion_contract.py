@@ -679,10 +679,23 @@ def call_on(diffusion, method, device):
     return calls[method]()
 
 
-def meta_cannot_run(step, error):
-    """Skip, saying so: what the meta device cannot do is no verdict on the file."""
-    pytest.skip(f"device check not run: the meta device cannot run all of {step} ({error}); "
-                "devices were checked up to there")
+def first_device_mixing(steps, *modes):
+    """Run ``steps``, (name, function) pairs, in order with ``modes`` active: (the step's name,
+    the DeviceMixing) of the first that mixes devices, else (None, None). A step that the meta
+    device cannot run skips the test, saying so: that is no verdict on the file."""
+    step = stopped = None
+    try:
+        with contextlib.ExitStack() as active:
+            for mode in modes:
+                active.enter_context(mode)
+            for step, run in steps:
+                run()
+    except (DeviceMixing, NotImplementedError, RuntimeError) as error:
+        stopped = error
+    if stopped is not None and not isinstance(stopped, DeviceMixing):
+        pytest.skip(f"device check not run: the meta device cannot run all of {step} ({stopped}); "
+                    "devices were checked up to there")
+    return (step, stopped) if stopped is not None else (None, None)
 
 
 @pytest.mark.parametrize("device_type", TRAINERS_DEVICES)
@@ -695,19 +708,15 @@ def test_runs_on_each_device_the_trainer_picks(under_test, method, device_type):
     behind torch.cuda.is_available() runs too), moved as the trainer moves it to the device it
     picks by default, and ``method`` called on inputs there, with CUDA's rule held for every op."""
     name = {"cuda": "CUDA", "mps": "an Apple GPU (MPS)"}[device_type]
-    step, mixing, limit = "building the Diffusion", None, None
-    try:
-        with machine_with(device_type), SimulatedOnMeta(device_type), OneDevice(under_test):
-            diffusion = make_diffusion(load_diffusion_file(Path(under_test.__file__)))
-            move_as_the_trainer_does(diffusion, torch.device(device_type))
-            step = method
-            call_on(diffusion, method, torch.device(device_type))
-    except DeviceMixing as error:
-        mixing = error
-    except (NotImplementedError, RuntimeError) as error:
-        limit = error
-    if limit is not None:
-        meta_cannot_run(step, limit)
+    built = {}
+
+    def build():
+        built["diffusion"] = make_diffusion(load_diffusion_file(Path(under_test.__file__)))
+        move_as_the_trainer_does(built["diffusion"], torch.device(device_type))
+
+    step, mixing = first_device_mixing(
+        [("building the Diffusion", build), (method, lambda: call_on(built["diffusion"], method, torch.device(device_type)))],
+        machine_with(device_type), SimulatedOnMeta(device_type), OneDevice(under_test))
     if mixing is not None:
         pytest.fail(f"{step} on {name}: {mixing}, with tensors on {device_type}. On such a machine "
                     "this raises; make it on the input's device (device=x.device) or register it as a buffer",
@@ -723,16 +732,8 @@ def test_takes_its_device_from_its_input(under_test, method):
     (PortabilityWarning) naming the line and the fix, never a failure."""
     diffusion = make_diffusion(under_test)
     move_as_the_trainer_does(diffusion, torch.device("meta"))
-    mixing = limit = None
-    try:
-        with OneDevice(under_test):
-            call_on(diffusion, method, torch.device("meta"))
-    except DeviceMixing as error:
-        mixing = error
-    except (NotImplementedError, RuntimeError) as error:
-        limit = error
-    if limit is not None:
-        meta_cannot_run(method, limit)
+    _, mixing = first_device_mixing([(method, lambda: call_on(diffusion, method, torch.device("meta")))],
+                                    OneDevice(under_test))
     if mixing is not None:
         warnings.warn(PortabilityWarning(
             f"{method} runs only on the device it picks itself: torch.{mixing.op} at {mixing.here} gets a "
