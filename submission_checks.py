@@ -83,8 +83,9 @@ def protections(limits=Limits()):
                   if can_set_limits() else None,
         "network": "none (a network namespace of its own)" if namespaces else None,
         "other processes": "cannot see or signal them (a PID namespace of its own)" if namespaces else None,
-        "file system": ("read-only outside its folder (a mount namespace of its own, every capability "
-                        "dropped so that it cannot be remounted)") if as_root else None,
+        "file system": ("read-only outside its folder, your home, /root and /home hidden but for the "
+                        "Python installation (a mount namespace of its own, every capability dropped so "
+                        "that it cannot be remounted)") if as_root else None,
         "process count": (f"at most {limits.processes} processes and threads (a pids cgroup)"
                           if as_root and pids_cgroup_works() else None),
     }
@@ -150,7 +151,8 @@ def prepare_box(box, part, path, limits, protected, cgroup):
     (box / "home" / "tmp").mkdir(parents=True)
     config = {"contract": str(check / contract), "variable": variable, "file": str(check / "submission" / file_name),
               "home": str(box / "home"), "limits": vars(limits), "read_only": bool(protected["file system"]),
-              "cgroup": str(cgroup) if cgroup else None}
+              "cgroup": str(cgroup) if cgroup else None, "hidden": folders_to_hide(box),
+              "python": sorted(python_folders())}
     (check / "config.json").write_text(json.dumps(config))
     return check / "config.json"
 
@@ -192,11 +194,28 @@ def kill_box(child, cgroup):
     child.wait()
 
 
+def folders_to_hide(box):
+    """The home folders the box must not read (the caller's, /root, /home), but one holding the box."""
+    homes = {str(Path.home()), "/root", "/home"}
+    return sorted(home for home in homes if Path(home).is_dir() and not box.resolve().is_relative_to(Path(home).resolve()))
+
+
+def python_folders():
+    """The folders of this Python and of the packages the contracts import."""
+    interpreter = {sys.prefix, sys.base_prefix, sys.exec_prefix, str(Path(sys.executable).resolve().parent)}
+    return interpreter | package_folders()
+
+
+def package_folders():
+    """The folders holding torch, pytest and matplotlib."""
+    return {str(Path(find_spec(name).origin).parents[1]) for name in ("torch", "pytest", "matplotlib")
+            if find_spec(name) is not None}
+
+
 def box_environment(home):
     """The child's whole environment: nothing of the caller's but PATH, and the packages'
     folders (torch, pytest, matplotlib) in case they sit where a fresh HOME does not look."""
-    packages = {str(Path(find_spec(name).origin).parents[1]) for name in ("torch", "pytest", "matplotlib")
-                if find_spec(name) is not None}
+    packages = package_folders()
     return {"PATH": os.environ.get("PATH", os.defpath), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
             "HOME": str(home), "TMPDIR": str(home / "tmp"), "XDG_CACHE_HOME": str(home / ".cache"),
             "MPLCONFIGDIR": str(home / ".matplotlib"), "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
@@ -328,6 +347,7 @@ def enter_box(config_path):
     if config["cgroup"]:
         Path(config["cgroup"], "cgroup.procs").write_text("0")  # 0: this process
     if config["read_only"]:
+        hide_homes(config["hidden"], config["python"], Path(config["home"]).parent / "kept")
         make_read_only_outside(config["home"])
     set_limits(config["limits"])
     without_capabilities = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--"]
@@ -347,6 +367,21 @@ def set_limits(limits):
                              ("RLIMIT_NPROC", limits["processes"], limits["processes"]), ("RLIMIT_CORE", 0, 0)]:
         if hasattr(resource, name):
             resource.setrlimit(getattr(resource, name), (soft, hard))
+
+
+def hide_homes(homes, python, staging):
+    """In this mount namespace: each of ``homes`` behind an empty file system in memory, but the
+    ``python`` folders inside them, bound back in place (through ``staging``, as the empty file
+    system hides the originals)."""
+    kept = [folder for folder in python if any(Path(folder).is_relative_to(home) for home in homes)]
+    for index, folder in enumerate(kept):
+        (staging / str(index)).mkdir(parents=True)
+        subprocess.run(["mount", "--rbind", folder, str(staging / str(index))], check=True)
+    for home in homes:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=755", "hidden_home", home], check=True)
+    for index, folder in enumerate(kept):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "--rbind", str(staging / str(index)), folder], check=True)
 
 
 def make_read_only_outside(home):

@@ -60,6 +60,10 @@ except OSError as error:
     seen.append(f"home: {{error.strerror}}")
 seen.append("secrets: " + ",".join(sorted(name for name in os.environ if "KEY" in name or "TOKEN" in name)))
 try:
+    seen.append("credentials: " + pathlib.Path({home!r}, ".netrc").read_text())
+except OSError as error:
+    seen.append(f"credentials: {{error.strerror}}")
+try:
     socket.create_connection(("127.0.0.1", {port}), timeout=2)
     seen.append("network: connected")
 except OSError as error:
@@ -150,6 +154,7 @@ def graded(tmp_path_factory):
     root = tmp_path_factory.mktemp("grading")
     home = root / "grader_home"
     home.mkdir()
+    (home / ".netrc").write_text("machine api.wandb.ai password hunter2\n")
     server = socket.create_server(("127.0.0.1", 0))
     make_submissions(root / "submissions", home, server.getsockname()[1])
     boxes_before = boxes_left()
@@ -275,7 +280,13 @@ def test_a_file_sees_none_of_the_graders_secrets(graded):
 @pytest.mark.skipif(not PROTECTED["file system"], reason="the file system is not read-only here")
 def test_a_file_cannot_write_to_the_graders_home(graded):
     assert "home: Read-only file system" in row(graded, "judy_snoops", "A")["first_failure"]
-    assert not any(graded["home"].iterdir())
+    assert [path.name for path in graded["home"].iterdir()] == [".netrc"]
+
+
+@pytest.mark.skipif(not PROTECTED["file system"], reason="the file system is not read-only here")
+def test_a_file_cannot_read_the_graders_home(graded):
+    cause = row(graded, "judy_snoops", "A")["first_failure"]
+    assert "credentials: No such file or directory" in cause and "hunter2" not in cause
 
 
 @pytest.mark.skipif(not PROTECTED["network"], reason="no network namespace here")
