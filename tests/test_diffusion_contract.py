@@ -692,6 +692,10 @@ def first_device_mixing(steps, *modes):
                 run()
     except (DeviceMixing, NotImplementedError, RuntimeError) as error:
         stopped = error
+    except AssertionError as error:  # torch's own, asked for a GPU it was not built for
+        if "CUDA" not in str(error):
+            raise
+        stopped = error
     if stopped is not None and not isinstance(stopped, DeviceMixing):
         pytest.skip(f"device check not run: the meta device cannot run all of {step} ({stopped}); "
                     "devices were checked up to there")

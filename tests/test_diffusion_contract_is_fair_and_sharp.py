@@ -117,6 +117,11 @@ MUTANTS = [
            {ON_THE_TRAINERS_DEVICES}),
     # not a mistake: a GPU reads values back, which meta tensors do not hold
     Mutant("correct_but_reads_t_back_with_item", (("if t_index > 0 else", "if t[0].item() > 0 else"),), set()),
+    # not a mistake either: what needs a real GPU is a device check not run (skipped), not a failure
+    Mutant("correct_but_synchronizes_the_gpu_in_sample",
+           (("        return self.p_sample_loop(self.noise_like(shape, device))",
+             "        if torch.cuda.is_available():\n            torch.cuda.synchronize()\n"
+             "        return self.p_sample_loop(self.noise_like(shape, device))"),), set()),
 ]
 
 
