@@ -14,7 +14,7 @@ machine allows it (Linux, ``unshare``; as root also ``setpriv`` and a cgroup), i
 network, unable to see or signal other processes, with the file system read-only outside its
 folder and a cap on its processes: ``protections()`` says which hold here.
 
-    python submission_checks.py --enter-box CONFIG   (run by run_contract, inside the box)
+    python submission_checks.py --enter-box CONFIG   (the box's first step, started by run_box)
 """
 
 import json
@@ -183,7 +183,10 @@ def exit_status(returncode):
 def kill_box(child, cgroup):
     """Kill the child's process group and every process left in its cgroup, and reap the child."""
     try:
-        os.killpg(child.pid, signal.SIGKILL)
+        if hasattr(os, "killpg"):
+            os.killpg(child.pid, signal.SIGKILL)
+        else:  # Windows has no process groups
+            child.kill()
     except (ProcessLookupError, PermissionError):
         pass
     for pid in processes_of(cgroup):
@@ -298,10 +301,10 @@ def verdict(returncode, timed_out, records, failures, warnings, log_tail, limits
     finished = any("done" in record for record in records)
     running = f" (running {records[-1].get('test', '')}...)" if records and not finished else ""
     causes = [failure["message"] for failure in failures] + ([] if finished else [last_line(log_tail)])
-    if timed_out or returncode == 128 + signal.SIGXCPU:
+    if timed_out or returncode == 128 + getattr(signal, "SIGXCPU", -128):  # POSIX only, as SIGXFSZ
         used = f"{limits.seconds:g} s" if timed_out else f"{limits.cpu_seconds} s of CPU time"
         return "timeout", f"did not finish within {used}: stopped{running}"
-    if returncode == 128 + signal.SIGXFSZ or any(sign in cause for cause in causes for sign in FILE_SIZE_SIGNS):
+    if returncode == 128 + getattr(signal, "SIGXFSZ", -128) or any(sign in cause for cause in causes for sign in FILE_SIZE_SIGNS):
         return "error", f"wrote more than {limits.file_bytes // MiB} MiB to one file (printed output counts): stopped"
     if any(sign in cause for cause in causes for sign in MEMORY_SIGNS):
         return "memory", f"ran out of memory (limit {limits.memory_bytes / 2 ** 30:g} GiB): {first_with_memory(causes)}"
@@ -349,7 +352,8 @@ def enter_box(config_path):
     if config["read_only"]:
         hide_homes(config["hidden"], config["python"], Path(config["home"]).parent / "kept")
         make_read_only_outside(config["home"])
-    set_limits(config["limits"])
+    if can_set_limits():
+        set_limits(config["limits"])
     without_capabilities = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--"]
     contract = subprocess.run([*(without_capabilities if config["read_only"] else []),
                                sys.executable, __file__, "--run-contract", config_path])
@@ -365,8 +369,10 @@ def set_limits(limits):
                              ("RLIMIT_CPU", cpu, cpu + 5),  # SIGXCPU at the soft limit, SIGKILL at the hard one
                              ("RLIMIT_FSIZE", limits["file_bytes"], limits["file_bytes"]),
                              ("RLIMIT_NPROC", limits["processes"], limits["processes"]), ("RLIMIT_CORE", 0, 0)]:
-        if hasattr(resource, name):
+        try:
             resource.setrlimit(getattr(resource, name), (soft, hard))
+        except (AttributeError, ValueError, OSError):  # a limit this system does not have or lower
+            pass
 
 
 def hide_homes(homes, python, staging):
