@@ -65,7 +65,7 @@ def unpack(zip_path, destination):
                 if not entry.is_dir() and not is_link(entry):
                     write_entry(archive, entry, destination)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, OSError) as error:
-        raise Refused(f"not a readable zip ({error})") from None
+        raise Refused(f"not a readable zip ({getattr(error, 'strerror', None) or error})") from None  # no path
     foreign = [entry.filename for entry in entries if not entry.flag_bits & 0x800 and not entry.filename.isascii()]
     return f"its names are not UTF-8 (e.g. {foreign[0]!r}): zip it again with UTF-8 names" if foreign else ""
 
