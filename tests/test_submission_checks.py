@@ -76,3 +76,11 @@ def test_without_the_extra_isolation_a_box_still_ends_a_file_in_its_row(tmp_path
     exits.write_text("import os\nos._exit(3)\n")
     result = check_file("A", exits, "vae.py", LIMITS, bare)
     assert (result.verdict, result.first_failure) == ("error", "stopped before its checks finished (exit status 3): no output")
+
+
+def test_a_file_that_waits_forever_is_stopped_at_the_wall_time_limit(tmp_path):
+    """It uses no CPU time, so only the wall time can end it: the whole box is killed then."""
+    waits = tmp_path / "vae.py"
+    waits.write_text("import time\ntime.sleep(600)\n")
+    result = check_file("A", waits, "vae.py", Limits(seconds=8))
+    assert result.verdict == "timeout" and result.first_failure.startswith("did not finish within 8 s: stopped")
