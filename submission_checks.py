@@ -39,6 +39,7 @@ PARTS = {  # part -> (file checked, its contract, the variable naming the file, 
 MEMORY_SIGNS = ("MemoryError", "not enough memory", "Cannot allocate memory", "bad_alloc", "out of memory")
 FILE_SIZE_SIGNS = ("File too large",)
 PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
+SIBLING_BYTES = 5 * 2 ** 20  # a .py file beside the checked one, copied with it unless larger
 MiB = 2 ** 20
 
 
@@ -137,8 +138,9 @@ def check_file(part, path, shown_as, limits=Limits(), protected=None):
 
 
 def prepare_box(box, part, path, limits, protected, cgroup):
-    """Copy the contract, what it reads and the student's file into ``box``/check (read-only
-    inside the box where the file system is), make ``box``/home; return the box's settings."""
+    """Copy the contract, what it reads and the student's file, with the .py files beside it, into
+    ``box``/check (read-only inside the box where the file system is), make ``box``/home; return
+    the box's settings."""
     file_name, contract, variable, support = PARTS[part]
     check = box / "check"
     for relative in (contract, *support):
@@ -147,6 +149,9 @@ def prepare_box(box, part, path, limits, protected, cgroup):
     shutil.copy(Path(__file__), check / "submission_checks.py")
     (check / "pytest.ini").write_text("[pytest]\n")
     (check / "submission").mkdir()
+    for sibling in path.parent.glob("*.py"):  # what it may import, as it does beside them in its part
+        if sibling.is_file() and not sibling.is_symlink() and sibling.stat().st_size <= SIBLING_BYTES:
+            shutil.copy(sibling, check / "submission" / sibling.name)
     shutil.copy(path, check / "submission" / file_name)
     (box / "home" / "tmp").mkdir(parents=True)
     config = {"contract": str(check / contract), "variable": variable, "file": str(check / "submission" / file_name),

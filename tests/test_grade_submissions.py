@@ -120,8 +120,9 @@ def make_submissions(folder, home, port):
     """Every submission of the batch, in ``folder``."""
     folder.mkdir()
     write_zip(folder / "alice.zip", {
-        "alice_A3/A3_PartA/vae.py": KL_SIGN_FLIPPED, "alice_A3/A3_PartB/diffusion.py": OURS_DIFFUSION,
-        "alice_A3/A3_PartB/unet.py": "# provided\n", "__MACOSX/diffusion.py": b"\x00\x05\x16\x07",
+        "alice_A3/A3_PartA/vae.py": KL_SIGN_FLIPPED,
+        "alice_A3/A3_PartB/diffusion.py": "from alice_constants import S  # her own file\n" + OURS_DIFFUSION,
+        "alice_A3/A3_PartB/alice_constants.py": "S = 0.008\n", "__MACOSX/diffusion.py": b"\x00\x05\x16\x07",
         "alice_A3/.ipynb_checkpoints/vae.py": "raise SystemExit('an old copy')\n"})
     (folder / "bob").mkdir()
     (folder / "bob" / "diffusion.py").write_text(DEVICE_CHOSEN_AT_IMPORT)
@@ -203,7 +204,7 @@ def test_results_json_is_a_gradescope_autograder_result(graded):
 # ---- fair verdicts, in the layouts students use
 
 
-def test_a_correct_file_in_nested_folders_passes_every_check(graded):
+def test_a_correct_file_in_nested_folders_importing_a_file_beside_it_passes_every_check(graded):
     alice = row(graded, "alice", "B")
     assert (alice["verdict"], alice["file"]) == ("pass", "alice_A3/A3_PartB/diffusion.py")
     assert alice["passed"] == alice["total"] != "0"
