@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from contract_verdicts import Mutant, verdicts
+from contract_verdicts import Mutant, verdicts, write_mutant
 from diffusion import Diffusion
 from test_diffusion_contract import load_diffusion_file, replace_noise, seeded_draws
 from unet import Unet
@@ -31,6 +31,8 @@ CORRECT = {"ours": TESTS.parent / "A3_PartB" / "diffusion.py", "skeleton_style":
 STUDENT_DEVICES = TESTS / "devices_in_student_files"
 DEVICE_CHOSEN_AT_IMPORT = STUDENT_DEVICES / "device_chosen_at_import" / "diffusion.py"
 CUDA_ONLY_IN_INIT = STUDENT_DEVICES / "cuda_only_in_init" / "diffusion.py"
+WITHOUT_MPS = Mutant("device_chosen_at_import_without_mps", (('else "mps" if torch.backends.mps.is_available() ', ""),),
+                     {"test_runs_on_each_device_the_trainer_picks"})
 
 POSTERIOR_MEAN = "test_p_sample_mean_is_the_posterior_mean_of_eq_7_at_every_t"
 SIGMA = "test_p_sample_adds_sigma_t_times_the_noise_at_every_t_above_0"
@@ -134,8 +136,10 @@ def without_parameters(failed):
 def verdicts_by_file(tmp_path_factory):
     """{implementation name: the contract's failures on it}, from one run over every file."""
     folder = tmp_path_factory.mktemp("implementations")
+    without_mps = write_mutant(DEVICE_CHOSEN_AT_IMPORT, folder / "device_chosen_at_import_without_mps", WITHOUT_MPS)
     return {name: without_parameters(failed) for name, failed
             in verdicts(CONTRACT, "A3_DIFFUSION", dict(CORRECT, device_chosen_at_import=DEVICE_CHOSEN_AT_IMPORT,
+                                                       device_chosen_at_import_without_mps=without_mps,
                                                        cuda_only_in_init=CUDA_ONLY_IN_INIT),
                         SKELETON_STYLE, MUTANTS, folder).items()}
 
@@ -230,3 +234,12 @@ def test_a_file_that_cannot_be_built_on_cuda_fails_there_naming_the_line_in_init
     assert re.match(r"Failed: building the Diffusion on CUDA: torch.cat at diffusion.py:\d+ \(self.alphas_cumprod_prev "
                     r"= torch.cat\(\[torch.tensor\(\[1.0\]\), self.alphas_cumprod\[:-1\]\]\)\) mixes devices: it "
                     r"gets a CPU tensor of shape \(1,\), made on that line, with tensors on cuda", failed[ON_THE_TRAINERS_DEVICES])
+
+
+def test_a_device_chosen_at_import_from_cuda_alone_fails_on_an_apple_gpu(verdicts_by_file):
+    """"cuda" if torch.cuda.is_available() else "cpu": the trainer picks MPS on a Mac, and the
+    file's tensors stay on the CPU there."""
+    failed = verdicts_by_file["device_chosen_at_import_without_mps"]
+    assert set(failed) == WITHOUT_MPS.caught_by
+    assert re.match(r"Failed: \w+ on an Apple GPU \(MPS\): torch.\w+ at diffusion.py:\d+ \(.*\) mixes devices: it gets "
+                    r"a CPU tensor .*, with tensors on mps", failed["test_runs_on_each_device_the_trainer_picks"])
