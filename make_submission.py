@@ -9,13 +9,20 @@ scratch code, data, results, checkpoints, caches, wandb runs and credentials can
 never slip in; everything else at the top of a part's folder is listed on stderr
 as left out. A notebook that was never run, or that holds an error output, is
 packed anyway but reported on stderr, because the graders read the outputs.
+
+Before packing, vae.py and diffusion.py are run against their contracts (tests/), each in a
+child process of its own (submission_checks.py), and one line per file gives the verdict and
+its first cause; the zip is written whatever they say. --no-check skips it.
 """
 import argparse
 import sys
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nbformat
+
+from submission_checks import PARTS, check_file
 
 REPO_ROOT = Path(__file__).resolve().parent
 PART_FOLDERS = {"A": "A3_PartA", "B": "A3_PartB"}
@@ -103,12 +110,33 @@ def report_left_out(entries, root):
               file=sys.stderr)
 
 
-def build_submission(root, parts, output):
+def check_against_contracts(root, parts):
+    """Run each part's contract on its file, both at once, and print one line per file: the
+    verdict, with its first cause unless it passes (on stderr, as a warning)."""
+    contracts = [PARTS[part][1] for part in parts if not (REPO_ROOT / PARTS[part][1]).is_file()]
+    if contracts:
+        print(f"WARNING: not checked: {', '.join(contracts)} not found next to {Path(__file__).name}",
+              file=sys.stderr)
+        return
+    files = [Path(PART_FOLDERS[part]) / PARTS[part][0] for part in parts]
+    with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+        results = list(pool.map(lambda part, file: check_file(part, root / file, file.as_posix()), parts, files))
+    for result in results:
+        counts = f" ({result.passed}/{result.total} checks passed)" if result.total else ""
+        if result.verdict == "pass":
+            print(f"Checked {result.file}: pass{counts}")
+        else:
+            print(f"WARNING: {result.file}: {result.verdict}{counts}: {result.first_failure}", file=sys.stderr)
+
+
+def build_submission(root, parts, output, check=True):
     """Collect, check, zip and report the chosen parts; return the zip's path."""
     root = Path(root).resolve()
     parts = list(dict.fromkeys(parts))
     files = [path for part in parts for path in files_of_part(root, part)]
     warn_about_notebooks(files, root)
+    if check:
+        check_against_contracts(root, parts)
     output = write_zip(files, root, output)
     report_packed(files, root, output)
     report_left_out([path for part in parts for path in entries_left_out(root, part)], root)
@@ -122,6 +150,8 @@ def parse_args(argv=None):
                         help="parts to pack (default: both)")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "A3_submission.zip",
                         help="path of the zip to write (default: A3_submission.zip here)")
+    parser.add_argument("--no-check", action="store_true",
+                        help="do not run the contracts on vae.py and diffusion.py before packing")
     args = parser.parse_args(argv)
     if args.output.is_dir():
         parser.error(f"--output {args.output} is a folder, not a zip file. Pass a file path "
@@ -133,7 +163,7 @@ def main(argv=None):
     """Entry point: build the zip, printing a bad-input message without a traceback."""
     args = parse_args(argv)
     try:
-        build_submission(REPO_ROOT, args.parts, args.output)
+        build_submission(REPO_ROOT, args.parts, args.output, check=not args.no_check)
     except FileNotFoundError as error:
         sys.exit(f"error: {error}")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from contract_verdicts import Mutant, verdicts
+from contract_verdicts import Mutant, verdicts, write_mutant
 from diffusion import Diffusion
 from test_diffusion_contract import load_diffusion_file, replace_noise, seeded_draws
 from unet import Unet
@@ -28,6 +28,11 @@ TESTS = Path(__file__).resolve().parent
 CONTRACT = TESTS / "test_diffusion_contract.py"
 SKELETON_STYLE = TESTS / "skeleton_style_diffusion" / "diffusion.py"
 CORRECT = {"ours": TESTS.parent / "A3_PartB" / "diffusion.py", "skeleton_style": SKELETON_STYLE}
+STUDENT_DEVICES = TESTS / "devices_in_student_files"
+DEVICE_CHOSEN_AT_IMPORT = STUDENT_DEVICES / "device_chosen_at_import" / "diffusion.py"
+CUDA_ONLY_IN_INIT = STUDENT_DEVICES / "cuda_only_in_init" / "diffusion.py"
+WITHOUT_MPS = Mutant("device_chosen_at_import_without_mps", (('else "mps" if torch.backends.mps.is_available() ', ""),),
+                     {"test_runs_on_each_device_the_trainer_picks"})
 
 POSTERIOR_MEAN = "test_p_sample_mean_is_the_posterior_mean_of_eq_7_at_every_t"
 SIGMA = "test_p_sample_adds_sigma_t_times_the_noise_at_every_t_above_0"
@@ -35,7 +40,7 @@ LOOP = "test_p_sample_loop_follows_algorithm_2_and_returns_x0_in_zero_to_one"
 SAMPLE = "test_sample_runs_algorithm_2_from_x_T_drawn_by_noise_like"
 SAMPLE_RANGE = "test_sample_returns_batch_size_images_of_its_channels_and_size_in_zero_to_one"
 THROUGH_NOISE_LIKE = "test_every_random_draw_goes_through_noise_like"
-ON_ANOTHER_DEVICE = "test_runs_on_the_trainers_device_without_mixing_in_cpu_tensors"
+ON_THE_TRAINERS_DEVICES = "test_runs_on_each_device_the_trainer_picks"
 SCHEDULE = ("test_cosine_schedule_is_eq_3", "test_cosine_schedule_clips_alphas_to_between_0_001_and_1")
 ABAR = "test_abar_is_the_running_product_of_the_clipped_alphas"
 Q_SAMPLE_MEAN = "test_q_sample_mean_is_sqrt_abar_t_times_x0"
@@ -108,12 +113,17 @@ MUTANTS = [
     Mutant("cpu_tensor_made_inside_p_sample",
            (("x0 = torch.clamp(x0, -1.0, 1.0)",
              "x0 = torch.maximum(torch.minimum(x0, torch.tensor([1.0])), torch.tensor([-1.0]))"),),
-           {ON_ANOTHER_DEVICE}),
+           {ON_THE_TRAINERS_DEVICES}),
     Mutant("step_tensor_made_without_device_in_p_sample_loop",
            (("torch.full((b,), i, dtype=torch.long, device=img.device)", "torch.full((b,), i, dtype=torch.long)"),),
-           {ON_ANOTHER_DEVICE}),
+           {ON_THE_TRAINERS_DEVICES}),
     # not a mistake: a GPU reads values back, which meta tensors do not hold
     Mutant("correct_but_reads_t_back_with_item", (("if t_index > 0 else", "if t[0].item() > 0 else"),), set()),
+    # not a mistake either: what needs a real GPU is a device check not run (skipped), not a failure
+    Mutant("correct_but_synchronizes_the_gpu_in_sample",
+           (("        return self.p_sample_loop(self.noise_like(shape, device))",
+             "        if torch.cuda.is_available():\n            torch.cuda.synchronize()\n"
+             "        return self.p_sample_loop(self.noise_like(shape, device))"),), set()),
 ]
 
 
@@ -126,8 +136,12 @@ def without_parameters(failed):
 def verdicts_by_file(tmp_path_factory):
     """{implementation name: the contract's failures on it}, from one run over every file."""
     folder = tmp_path_factory.mktemp("implementations")
+    without_mps = write_mutant(DEVICE_CHOSEN_AT_IMPORT, folder / "device_chosen_at_import_without_mps", WITHOUT_MPS)
     return {name: without_parameters(failed) for name, failed
-            in verdicts(CONTRACT, "A3_DIFFUSION", CORRECT, SKELETON_STYLE, MUTANTS, folder).items()}
+            in verdicts(CONTRACT, "A3_DIFFUSION", dict(CORRECT, device_chosen_at_import=DEVICE_CHOSEN_AT_IMPORT,
+                                                       device_chosen_at_import_without_mps=without_mps,
+                                                       cuda_only_in_init=CUDA_ONLY_IN_INIT),
+                        SKELETON_STYLE, MUTANTS, folder).items()}
 
 
 @pytest.mark.parametrize("name", CORRECT)
@@ -197,10 +211,35 @@ def test_a_schedule_that_is_not_one_tensor_of_t_alphas_is_told_so_in_one_line(ve
 
 
 def test_a_cpu_tensor_mixed_in_is_named_with_the_op_and_the_line_that_made_it(verdicts_by_file):
-    made_inside = verdicts_by_file["cpu_tensor_made_inside_p_sample"][ON_ANOTHER_DEVICE]
-    left_on_cpu = verdicts_by_file["step_tensor_made_without_device_in_p_sample_loop"][ON_ANOTHER_DEVICE]
-    assert re.match(r"Failed: sample: torch.minimum at diffusion.py:\d+ \(x0 = torch.maximum\(torch.minimum\(x0, "
+    made_inside = verdicts_by_file["cpu_tensor_made_inside_p_sample"][ON_THE_TRAINERS_DEVICES]
+    left_on_cpu = verdicts_by_file["step_tensor_made_without_device_in_p_sample_loop"][ON_THE_TRAINERS_DEVICES]
+    assert re.match(r"Failed: sample on [^:]+: torch.minimum at diffusion.py:\d+ \(x0 = torch.maximum\(torch.minimum\(x0, "
                     r"torch.tensor\(\[1.0\]\)\).*\) mixes devices: it gets a CPU tensor of shape \(1,\), made on "
-                    r"that line, with tensors on meta", made_inside)
+                    r"that line, with tensors on (cuda|mps)", made_inside)
     assert re.search(r"made at diffusion.py:\d+ \(img = self.p_sample\(img, torch.full\(\(b,\), i, "
                      r"dtype=torch.long\), i\)\)", left_on_cpu)
+
+
+def test_a_file_that_picks_its_device_at_import_fails_no_check(verdicts_by_file):
+    """It runs on every device the trainer picks by default; choosing the device itself is a
+    PortabilityWarning (tests/test_submission_checks.py), not a failure."""
+    assert verdicts_by_file["device_chosen_at_import"] == {}
+
+
+def test_a_file_that_cannot_be_built_on_cuda_fails_there_naming_the_line_in_init(verdicts_by_file):
+    """On a CPU torch.cuda.is_available() is False and the line runs on CPU tensors alone: only
+    the run as if CUDA were present reaches it."""
+    failed = verdicts_by_file["cuda_only_in_init"]
+    assert set(failed) == {ON_THE_TRAINERS_DEVICES}
+    assert re.match(r"Failed: building the Diffusion on CUDA: torch.cat at diffusion.py:\d+ \(self.alphas_cumprod_prev "
+                    r"= torch.cat\(\[torch.tensor\(\[1.0\]\), self.alphas_cumprod\[:-1\]\]\)\) mixes devices: it "
+                    r"gets a CPU tensor of shape \(1,\), made on that line, with tensors on cuda", failed[ON_THE_TRAINERS_DEVICES])
+
+
+def test_a_device_chosen_at_import_from_cuda_alone_fails_on_an_apple_gpu(verdicts_by_file):
+    """"cuda" if torch.cuda.is_available() else "cpu": the trainer picks MPS on a Mac, and the
+    file's tensors stay on the CPU there."""
+    failed = verdicts_by_file["device_chosen_at_import_without_mps"]
+    assert set(failed) == WITHOUT_MPS.caught_by
+    assert re.match(r"Failed: \w+ on an Apple GPU \(MPS\): torch.\w+ at diffusion.py:\d+ \(.*\) mixes devices: it gets "
+                    r"a CPU tensor .*, with tensors on mps", failed["test_runs_on_each_device_the_trainer_picks"])

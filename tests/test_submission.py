@@ -3,6 +3,7 @@
 The command is run as a user runs it: a copy of the script, placed at the root of a fake
 repository in tmp_path that holds the real file names plus decoys that must stay out.
 """
+import re
 import shutil
 import subprocess
 import sys
@@ -58,9 +59,14 @@ def unexecuted_notebook():
 def repo(tmp_path):
     """A fake repository with the script: every file to submit (notebooks executed), all DECOYS
     and STRAY_CODE."""
-    root = tmp_path / "repo"
+    return fake_repository(tmp_path / "repo")
+
+
+def fake_repository(root):
+    """The fake repository of ``repo``, made at ``root``."""
     root.mkdir()
     shutil.copy(SCRIPT, root)
+    shutil.copy(SCRIPT.parent / "submission_checks.py", root)
     for name in sorted(PART_A_FILES | PART_B_FILES | set(DECOYS) | set(STRAY_CODE)):
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,9 +77,10 @@ def repo(tmp_path):
     return root
 
 
-def run_submission(root, *options):
-    """Run the copy of make_submission.py in `root`; return the finished process."""
-    return subprocess.run([sys.executable, str(root / SCRIPT.name), *options],
+def run_submission(root, *options, check=False):
+    """Run the copy of make_submission.py in `root` (with --no-check unless `check`); return the
+    finished process."""
+    return subprocess.run([sys.executable, str(root / SCRIPT.name), *options, *([] if check else ["--no-check"])],
                           capture_output=True, text=True, check=False)
 
 
@@ -192,3 +199,48 @@ def test_git_ignores_credentials_data_results_and_checkpoints(repository_with_ou
 
 def test_git_keeps_the_starter_network_fixture_of_the_tests(repository_with_our_gitignore):
     assert not git_ignores(repository_with_our_gitignore, "tests/fixtures/starter_unet_dim8_mults12.pt")
+
+
+# ---- the check of vae.py and diffusion.py against their contracts
+
+REAL = SCRIPT.parent
+KL_SIGN_FLIPPED = ("kl = -0.5 * torch.sum(", "kl = 0.5 * torch.sum(")
+
+
+@pytest.fixture(scope="module")
+def checked_run(tmp_path_factory):
+    """make_submission.py with its check, in a fake repository holding the contracts, this
+    package's diffusion.py and a3_helper.py, and a student-style vae.py whose KL has the wrong
+    sign; the zip goes to out.zip beside it."""
+    root = fake_repository(tmp_path_factory.mktemp("checked") / "repo")
+    for name in ("tests/test_vae_contract.py", "tests/test_diffusion_contract.py", "A3_PartA/a3_helper.py",
+                 "A3_PartB/diffusion.py"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REAL / name, root / name)
+    correct_vae = (REAL / "tests/skeleton_style_vae/keyword_hidden_dim/vae.py").read_text()
+    (root / "A3_PartA/vae.py").write_text(correct_vae.replace(*KL_SIGN_FLIPPED))
+    return run_submission(root, "--output", str(root.parent / "out.zip"), check=True), root.parent / "out.zip"
+
+
+def test_check_prints_the_verdict_of_a_file_that_passes_its_contract(checked_run):
+    result, _ = checked_run
+    assert re.search(r"Checked A3_PartB/diffusion.py: pass \(\d+/\d+ checks passed\)", result.stdout), result.stdout
+
+
+def test_check_warns_with_the_verdict_and_the_first_cause_of_a_file_that_fails(checked_run):
+    result, _ = checked_run
+    assert re.search(r"WARNING: A3_PartA/vae.py: fail \(\d+/\d+ checks passed\): "
+                     r"test_loss_kl_term_is_eq_3_summed_over_latent_dimensions_and_averaged_over_the_batch: eq. \(3\) KL",
+                     result.stderr), result.stderr
+
+
+def test_check_that_fails_still_writes_the_zip(checked_run):
+    result, output = checked_run
+    assert result.returncode == 0, result.stderr
+    assert zipped_names(output) == PART_A_FILES | PART_B_FILES
+
+
+def test_no_check_skips_the_contracts(repo, tmp_path):
+    result = run_submission(repo, "--output", str(tmp_path / "out.zip"))
+    assert "Checked" not in result.stdout and "pass" not in result.stdout
+    assert "WARNING" not in result.stderr

@@ -1,0 +1,475 @@
+"""Run a contract (tests/test_vae_contract.py, tests/test_diffusion_contract.py) on a student's
+file, in a box of its own, and give one verdict. Shared by make_submission.py and
+grade_submissions.py.
+
+Verdicts (VERDICTS): ``pass``; ``portability`` (every check passes, on every device the trainer
+picks by default, but the file chooses its device itself instead of from its input: a warning);
+``fail`` (a check fails); ``error`` (it does not import, or crashes outside any check);
+``timeout``; ``memory``; ``missing`` (no such file).
+
+A student's file is code from a stranger. Each runs in a child process, in a fresh temporary
+folder that is its HOME, TMPDIR and working folder, with an environment that holds none of the
+caller's variables, under limits on wall time, CPU time, memory, file size and output. Where the
+machine allows it (Linux, ``unshare``; as root also ``setpriv`` and a cgroup), it also runs without
+network, unable to see or signal other processes, with the file system read-only outside its
+folder and a cap on its processes: ``protections()`` says which hold here.
+
+    python submission_checks.py --enter-box CONFIG   (the box's first step, started by run_box)
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib.util import find_spec
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent
+VERDICTS = ("pass", "portability", "fail", "error", "timeout", "memory", "missing")
+PARTS = {  # part -> (file checked, its contract, the variable naming the file, files the contract reads)
+    "A": ("vae.py", "tests/test_vae_contract.py", "A3_VAE", ("A3_PartA/a3_helper.py",)),
+    "B": ("diffusion.py", "tests/test_diffusion_contract.py", "A3_DIFFUSION", ()),
+}
+MEMORY_SIGNS = ("MemoryError", "not enough memory", "Cannot allocate memory", "bad_alloc", "out of memory")
+FILE_SIZE_SIGNS = ("File too large",)
+PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
+SIBLING_BYTES = 5 * 2 ** 20  # a .py file beside the checked one, copied with it unless larger
+MiB = 2 ** 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one run of a contract may use."""
+
+    seconds: float = 180.0  # wall time
+    cpu_seconds: int = 300
+    memory_bytes: int = 8 * 2 ** 30  # address space: importing torch alone reserves about 3.3 GB
+    file_bytes: int = 16 * MiB  # any file it writes, its printed output included
+    processes: int = 256  # threads count too
+
+
+@dataclass
+class Result:
+    """The verdict on one file, with what the contract's checks said."""
+
+    part: str
+    file: str  # as the caller names it: a path inside the submission
+    verdict: str
+    passed: int = 0
+    total: int = 0
+    first_failure: str = ""  # the cause of the verdict, one line; the warning of a portability verdict
+    seconds: float = 0.0
+    tests: list = field(default_factory=list)  # {"test", "outcome", "message"} per check
+
+
+# ---------------------------------------------------------------- what this machine allows
+
+
+def protections(limits=Limits()):
+    """{protection: what holds on this machine, or None where it does not}, in a fixed order."""
+    namespaces = namespaces_work()
+    as_root = namespaces and os.geteuid() == 0 and shutil.which("setpriv") and shutil.which("mount")
+    return {
+        "own folder": "a fresh temporary folder as HOME, TMPDIR and working folder, deleted afterwards",
+        "environment": "none of the grader's variables (credentials, tokens, keys): PATH and locale only",
+        "limits": (f"{limits.seconds:g} s wall time, {limits.cpu_seconds} s CPU time, "
+                   f"{limits.memory_bytes / 2 ** 30:g} GiB memory, {limits.file_bytes // MiB} MiB per file "
+                   "written (printed output included), the whole process group killed at the end")
+                  if can_set_limits() else None,
+        "network": "none (a network namespace of its own)" if namespaces else None,
+        "other processes": "cannot see or signal them (a PID namespace of its own)" if namespaces else None,
+        "file system": ("read-only outside its folder, your home, /root and /home hidden but for the "
+                        "Python installation (a mount namespace of its own, every capability dropped so "
+                        "that it cannot be remounted)") if as_root else None,
+        "process count": (f"at most {limits.processes} processes and threads (a pids cgroup)"
+                          if as_root and pids_cgroup_works() else None),
+    }
+
+
+def can_set_limits():
+    return find_spec("resource") is not None
+
+
+def namespaces_work():
+    """Whether ``unshare`` gives a child its own network, mount and PID namespaces here."""
+    if sys.platform != "linux" or not shutil.which("unshare"):
+        return False
+    trial = subprocess.run([*unshare_command(), "true"], capture_output=True)
+    return trial.returncode == 0
+
+
+def unshare_command():
+    """The command that starts a child in namespaces of its own (a user namespace if not root)."""
+    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    return ["unshare", *user, "--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc"]
+
+
+def pids_cgroup_works():
+    return os.access(PIDS_CGROUP, os.W_OK)
+
+
+# ---------------------------------------------------------------- running a contract in a box
+
+
+def check_file(part, path, shown_as, limits=Limits(), protected=None):
+    """The Result of part's contract on the file at ``path`` (``shown_as`` in messages)."""
+    if not Path(path).is_file():
+        return Result(part, shown_as, "missing", first_failure=f"no {PARTS[part][0]} found")
+    protected = protections(limits) if protected is None else protected
+    box = Path(tempfile.mkdtemp(prefix="a3_box_"))
+    cgroup = make_pids_cgroup(limits) if protected["process count"] else None
+    try:
+        config = prepare_box(box, part, Path(path), limits, protected, cgroup)
+        started = time.monotonic()
+        returncode, timed_out = run_box(box, config, limits, protected, cgroup)
+        seconds = round(time.monotonic() - started, 1)
+        records = read_records(box / "home" / "results.jsonl", box)
+        log_tail = tail(box / "output.log").replace(str(box), "<box>")
+        return judge(part, shown_as, records, returncode, timed_out, log_tail, limits, seconds)
+    finally:
+        remove_cgroup(cgroup)
+        remove_tree(box)
+
+
+def prepare_box(box, part, path, limits, protected, cgroup):
+    """Copy the contract, what it reads and the student's file, with the .py files beside it, into
+    ``box``/check (read-only inside the box where the file system is), make ``box``/home; return
+    the box's settings."""
+    file_name, contract, variable, support = PARTS[part]
+    check = box / "check"
+    for relative in (contract, *support):
+        (check / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO_ROOT / relative, check / relative)
+    shutil.copy(Path(__file__), check / "submission_checks.py")
+    (check / "pytest.ini").write_text("[pytest]\n")
+    (check / "submission").mkdir()
+    for sibling in path.parent.glob("*.py"):  # what it may import, as it does beside them in its part
+        if sibling.is_file() and not sibling.is_symlink() and sibling.stat().st_size <= SIBLING_BYTES:
+            shutil.copy(sibling, check / "submission" / sibling.name)
+    shutil.copy(path, check / "submission" / file_name)
+    (box / "home" / "tmp").mkdir(parents=True)
+    config = {"contract": str(check / contract), "variable": variable, "file": str(check / "submission" / file_name),
+              "home": str(box / "home"), "limits": vars(limits), "read_only": bool(protected["file system"]),
+              "cgroup": str(cgroup) if cgroup else None, "hidden": folders_to_hide(box),
+              "python": sorted(python_folders())}
+    (check / "config.json").write_text(json.dumps(config))
+    return check / "config.json"
+
+
+def run_box(box, config, limits, protected, cgroup):
+    """Run the box's child to its end or its wall time; (its return code, whether it timed out)."""
+    command = [sys.executable, str(box / "check" / "submission_checks.py"), "--enter-box", str(config)]
+    if protected["network"]:
+        command = unshare_command() + command
+    with open(box / "output.log", "wb") as log:
+        child = subprocess.Popen(command, cwd=box / "home", env=box_environment(box / "home"),
+                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    try:
+        child.wait(timeout=limits.seconds)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    kill_box(child, cgroup)  # all of it at its time limit, else what it left running
+    return exit_status(child.returncode), timed_out
+
+
+def exit_status(returncode):
+    """A return code as a shell gives it: 128 + the number of the signal that ended a process."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def kill_box(child, cgroup):
+    """Kill the child's process group and every process left in its cgroup, and reap the child."""
+    try:
+        if hasattr(os, "killpg"):
+            os.killpg(child.pid, signal.SIGKILL)
+        else:  # Windows has no process groups
+            child.kill()
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pid in processes_of(cgroup):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    child.wait()
+
+
+def folders_to_hide(box):
+    """The home folders the box must not read (the caller's, /root, /home), but one holding the box."""
+    homes = {str(Path.home()), "/root", "/home"}
+    return sorted(home for home in homes if Path(home).is_dir() and not box.resolve().is_relative_to(Path(home).resolve()))
+
+
+def python_folders():
+    """The folders of this Python and of the packages the contracts import."""
+    interpreter = {sys.prefix, sys.base_prefix, sys.exec_prefix, str(Path(sys.executable).resolve().parent)}
+    return interpreter | package_folders()
+
+
+def package_folders():
+    """The folders holding torch, pytest and matplotlib."""
+    return {str(Path(find_spec(name).origin).parents[1]) for name in ("torch", "pytest", "matplotlib")
+            if find_spec(name) is not None}
+
+
+def box_environment(home):
+    """The child's whole environment: nothing of the caller's but PATH, and the packages'
+    folders (torch, pytest, matplotlib) in case they sit where a fresh HOME does not look."""
+    packages = package_folders()
+    return {"PATH": os.environ.get("PATH", os.defpath), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+            "HOME": str(home), "TMPDIR": str(home / "tmp"), "XDG_CACHE_HOME": str(home / ".cache"),
+            "MPLCONFIGDIR": str(home / ".matplotlib"), "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
+            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": os.pathsep.join(sorted(packages))}
+
+
+def make_pids_cgroup(limits):
+    """A new pids cgroup allowing ``limits.processes``; the child joins it."""
+    cgroup = PIDS_CGROUP / f"a3_box_{uuid.uuid4().hex[:12]}"
+    cgroup.mkdir()
+    (cgroup / "pids.max").write_text(str(limits.processes))
+    return cgroup
+
+
+def processes_of(cgroup):
+    if cgroup is None or not cgroup.is_dir():
+        return []
+    return [int(pid) for pid in (cgroup / "cgroup.procs").read_text().split()]
+
+
+def remove_cgroup(cgroup):
+    """Remove the cgroup once its last process is gone (the kernel takes a moment)."""
+    for _ in range(100):
+        if cgroup is None or not cgroup.exists():
+            return
+        try:
+            cgroup.rmdir()
+        except OSError:
+            time.sleep(0.02)
+
+
+def remove_tree(folder):
+    """Delete ``folder`` even where the child took away permissions inside it."""
+    def allow_and_retry(function, path, _error):
+        for item in (os.path.dirname(path), path):
+            os.chmod(item, 0o700)
+        function(path)
+    shutil.rmtree(folder, onerror=allow_and_retry)
+
+
+def read_records(path, box):
+    """The records the box's Recorder wrote, one JSON object a line (a cut last line dropped),
+    the box's own path written ``<box>`` in them."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").replace(str(box), "<box>").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+def tail(path, size=4000):
+    """The last ``size`` bytes of a file, as text."""
+    with open(path, "rb") as stream:
+        stream.seek(max(0, stream.seek(0, os.SEEK_END) - size))
+        return stream.read().decode(errors="replace")
+
+
+# ---------------------------------------------------------------- verdicts
+
+
+def judge(part, shown_as, records, returncode, timed_out, log_tail, limits, seconds):
+    """The Result of one box's run, from what its Recorder wrote and how the child ended."""
+    tests = [record for record in records if "test" in record]
+    failures = [record for record in tests if record["outcome"] in ("failed", "error")]
+    warnings = [record["warning"] for record in records if "warning" in record]
+    result = Result(part, shown_as, "pass", sum(record["outcome"] == "passed" for record in tests),
+                    len(tests), seconds=seconds, tests=tests)
+    result.verdict, result.first_failure = verdict(returncode, timed_out, records, failures, warnings,
+                                                   log_tail, limits)
+    return result
+
+
+def verdict(returncode, timed_out, records, failures, warnings, log_tail, limits):
+    """(verdict, its cause in one line). A signal that ended the box's contract comes as the
+    return code 128 + its number."""
+    finished = any("done" in record for record in records)
+    running = f" (running {records[-1].get('test', '')}...)" if records and not finished else ""
+    causes = [failure["message"] for failure in failures] + ([] if finished else [last_line(log_tail)])
+    if timed_out or returncode == 128 + getattr(signal, "SIGXCPU", -128):  # POSIX only, as SIGXFSZ
+        used = f"{limits.seconds:g} s" if timed_out else f"{limits.cpu_seconds} s of CPU time"
+        return "timeout", f"did not finish within {used}: stopped{running}"
+    if returncode == 128 + getattr(signal, "SIGXFSZ", -128) or any(sign in cause for cause in causes for sign in FILE_SIZE_SIGNS):
+        return "error", f"wrote more than {limits.file_bytes // MiB} MiB to one file (printed output counts): stopped"
+    if any(sign in cause for cause in causes for sign in MEMORY_SIGNS):
+        return "memory", f"ran out of memory (limit {limits.memory_bytes / 2 ** 30:g} GiB): {first_with_memory(causes)}"
+    if not finished:
+        return "error", f"stopped before its checks finished ({how_it_ended(returncode)}){running}: {last_line(log_tail)}"
+    errors = [failure for failure in failures if failure["outcome"] == "error"]
+    if errors:
+        return "error", f"does not import or crashes outside any check: {errors[0]['message']}"
+    if failures:
+        return "fail", f"{failures[0]['test']}: {failures[0]['message']}"
+    if warnings:
+        return "portability", warnings[0]
+    not_run = [record for record in records if record.get("outcome") == "skipped" and "not run" in record["message"]]
+    return "pass", not_run[0]["message"] if not_run else ""
+
+
+def first_with_memory(causes):
+    return next(cause for cause in causes if any(sign in cause for sign in MEMORY_SIGNS))
+
+
+def how_it_ended(returncode):
+    """'killed by SIGKILL' for a return code of 128 + a signal's number, else 'exit status N'."""
+    names = {number.value: number.name for number in signal.Signals}
+    if returncode - 128 in names:
+        return f"killed by {names[returncode - 128]}"
+    return f"exit status {returncode}"
+
+
+def last_line(text):
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "no output"
+
+
+# ---------------------------------------------------------------- inside the box
+
+
+def enter_box(config_path):
+    """The child's first step: join the cgroup, make the file system read-only outside home, set
+    the limits, then run the contract in a child of its own, without any capability where the
+    file system is read-only. Exit as that child did, a signal that ended it as 128 + its number
+    (``unshare`` hides signals, and so reports them)."""
+    config = json.loads(Path(config_path).read_text())
+    if config["cgroup"]:
+        Path(config["cgroup"], "cgroup.procs").write_text("0")  # 0: this process
+    if config["read_only"]:
+        hide_homes(config["hidden"], config["python"], Path(config["home"]).parent / "kept")
+        make_read_only_outside(config["home"])
+    if can_set_limits():
+        set_limits(config["limits"])
+    without_capabilities = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--"]
+    contract = subprocess.run([*(without_capabilities if config["read_only"] else []),
+                               sys.executable, __file__, "--run-contract", config_path])
+    sys.exit(exit_status(contract.returncode))
+
+
+def set_limits(limits):
+    """The box's resource limits, inherited by everything it starts."""
+    import resource  # POSIX only
+
+    cpu = limits["cpu_seconds"]
+    for name, soft, hard in [("RLIMIT_AS", limits["memory_bytes"], limits["memory_bytes"]),
+                             ("RLIMIT_CPU", cpu, cpu + 5),  # SIGXCPU at the soft limit, SIGKILL at the hard one
+                             ("RLIMIT_FSIZE", limits["file_bytes"], limits["file_bytes"]),
+                             ("RLIMIT_NPROC", limits["processes"], limits["processes"]), ("RLIMIT_CORE", 0, 0)]:
+        try:
+            resource.setrlimit(getattr(resource, name), (soft, hard))
+        except (AttributeError, ValueError, OSError):  # a limit this system does not have or lower
+            pass
+
+
+def hide_homes(homes, python, staging):
+    """In this mount namespace: each of ``homes`` behind an empty file system in memory, but the
+    ``python`` folders inside them, bound back in place (through ``staging``, as the empty file
+    system hides the originals)."""
+    kept = [folder for folder in python if any(Path(folder).is_relative_to(home) for home in homes)]
+    for index, folder in enumerate(kept):
+        (staging / str(index)).mkdir(parents=True)
+        subprocess.run(["mount", "--rbind", folder, str(staging / str(index))], check=True)
+    for home in homes:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=755", "hidden_home", home], check=True)
+    for index, folder in enumerate(kept):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "--rbind", str(staging / str(index)), folder], check=True)
+
+
+def make_read_only_outside(home):
+    """In this mount namespace: every mount read-only, but ``home`` (bound onto itself) and /proc."""
+    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+    subprocess.run(["mount", "--bind", home, home], check=True)
+    for mount_point, options in mounts():
+        if mount_point != home and not mount_point.startswith("/proc") and "ro" not in options:
+            subprocess.run(["mount", "-o", "remount,bind,ro", mount_point], check=True)
+
+
+def mounts():
+    """(mount point, its options) of every mount of this namespace."""
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        point = fields[4].encode().decode("unicode_escape")  # spaces come as \040
+        found.append((point, fields[5].split(",")))
+    return found
+
+
+def run_contract(config):
+    """Run the contract on the file, its records going to home/results.jsonl."""
+    import pytest
+
+    os.environ[config["variable"]] = config["file"]
+    recorder = Recorder(Path(config["home"]) / "results.jsonl")
+    pytest.main([config["contract"], "-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception",
+                 "--rootdir", str(Path(config["contract"]).parents[1])], plugins=[recorder])
+
+
+class Recorder:
+    """A pytest plugin writing one JSON line per check as it ends, one per PortabilityWarning,
+    and ``{"done": true}`` at the end: whatever kills the run, what was written stays."""
+
+    def __init__(self, path):
+        self.stream = open(path, "w", buffering=1)
+
+    def write(self, **record):
+        self.stream.write(json.dumps(record) + "\n")
+
+    def pytest_runtest_logreport(self, report):
+        if report.when == "call" or (report.when == "setup" and not report.passed):
+            outcome = "error" if report.when == "setup" and report.failed else report.outcome
+            self.write(test=report.nodeid.split("::")[-1], outcome=outcome, message=one_line(report))
+
+    def pytest_collectreport(self, report):
+        if report.failed:
+            self.write(test=report.nodeid or "collection", outcome="error", message=one_line(report))
+
+    def pytest_warning_recorded(self, warning_message, when, nodeid, location):
+        if type(warning_message.message).__name__ == "PortabilityWarning":
+            self.write(warning=f"{nodeid.split('::')[-1]}: {warning_message.message}")
+
+    def pytest_sessionfinish(self, session, exitstatus):
+        self.write(done=True)
+
+
+def one_line(report):
+    """The first line of why a check did not pass, without pytest's 'Failed: ' or 'Skipped: '."""
+    longrepr = report.longrepr
+    if longrepr is None:
+        return ""
+    if isinstance(longrepr, tuple):  # a skip: (path, line, reason)
+        text = longrepr[2]
+    else:
+        crash = getattr(longrepr, "reprcrash", None)
+        text = crash.message if crash is not None else str(longrepr)
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    for prefix in ("Failed: ", "Skipped: "):
+        first = first.removeprefix(prefix)
+    return first[:500]
+
+
+if __name__ == "__main__":
+    step, config_file = sys.argv[1:3]
+    if step == "--enter-box":
+        enter_box(config_file)
+    elif step == "--run-contract":
+        run_contract(json.loads(Path(config_file).read_text()))
