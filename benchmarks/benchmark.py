@@ -36,6 +36,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -333,8 +334,8 @@ def our_sampling_seconds(count, precision):
 def in_fresh_process(function, *args):
     """``function(*args)`` in a new Python process: nothing one library sets for its process
     (threads, the allocator's settings) carries over to the next measured."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(function, args)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()  # not a daemon: lucidrains' workers may start
 
 
 def seconds_per_step(run, short, long):

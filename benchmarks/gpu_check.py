@@ -1,6 +1,6 @@
 """What to run first on a GPU (Colab, Kaggle): is the CUDA graph right, and which options pay?
 
-    python benchmarks/gpu_check.py            # about a minute on a T4; prints a table and JSON
+    python benchmarks/gpu_check.py            # made to take under two minutes; prints JSON
 
 1. Correctness: two Trainers of the handout's model from the same weights, one replaying each
    step's gradient computation as a CUDA graph (the default on a GPU), one running it eagerly.

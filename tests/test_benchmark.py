@@ -88,3 +88,11 @@ def test_the_comparison_with_lucidrains_says_how_to_install_it_when_it_is_missin
     figures = {}
     benchmark.compare_with_lucidrains(tmp_path, tmp_path, torch.device("cpu"), figures)
     assert figures == {"lucidrains": "not installed: pip install -r benchmarks/requirements.txt"}
+
+
+def test_the_gpu_check_says_it_needs_a_gpu_and_exits_2_without_one():
+    script = SCRIPT.parent / "gpu_check.py"
+    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=300, env=environment)
+    assert result.returncode == 2 and "No CUDA GPU here" in result.stderr
