@@ -97,11 +97,11 @@ def timed(function):
 def run(args, workdir, figures):
     data_path = write_cats(args.cats, workdir / "data")
     extractor = inception_from_fid_helper()
-    common = dict(save_folder=None, data_path=data_path, dataloader_workers=os.cpu_count(),
+    common = dict(data_path=data_path, dataloader_workers=os.cpu_count(),
                   cache_folder=workdir / "cache", fid_feature_extractor=extractor)
     part2 = workdir / "part2"
     seconds, (_, _, default) = timed(lambda: utils.setup_diffusion(
-        args.steps, args.every, args.fid, **{**common, "save_folder": part2}))
+        args.steps, args.every, args.fid, part2, **common))
     seconds_training, _ = timed(default.train)
     figures["default_precision"] = str(default.amp_dtype or torch.float32).replace("torch.", "")
     figures["steps"], figures["grid_and_fid_every"] = args.steps, args.every
@@ -111,8 +111,8 @@ def run(args, workdir, figures):
             row["step"]: round(row["fid"], 2) for row in default.history if row["fid"] is not None}
     figures["final_loss_mean_of_last_100[default precision]"] = round(
         float(np.mean([row["loss"] for row in default.history[-100:]])), 4)
-    _, _, trained = utils.setup_diffusion(args.steps, args.every, False, load_path=part2 / "model.pt",
-                                          **{**common, "save_folder": part2})
+    _, _, trained = utils.setup_diffusion(args.steps, args.every, False, part2,
+                                          load_path=part2 / "model.pt", **common)
     trained.visualize_diffusion()
     if args.fid and default.amp_dtype is not None:
         compare_with_fp32(args.steps, common, workdir, figures)
@@ -136,7 +136,7 @@ def copy_small(source, target):
 def compare_with_fp32(steps, common, workdir, figures):
     """The same seeded steps in float32, one FID (512 samples) at the end."""
     seconds, (_, _, fp32) = timed(lambda: utils.setup_diffusion(
-        steps, steps, True, **{**common, "save_folder": workdir / "fp32"}, precision="fp32"))
+        steps, steps, True, workdir / "fp32", precision="fp32", **common))
     seconds_training, _ = timed(fp32.train)
     figures["seconds[fp32, FID at the last step only]"] = round(seconds + seconds_training)
     figures["fid_at_last_step[fp32]"] = round(fp32.history[-1]["fid"], 2)
