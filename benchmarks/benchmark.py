@@ -319,14 +319,10 @@ def lucidrains_sampling_seconds(count, precision):
 def our_sampling_seconds(count, precision):
     """Wall time of ``count`` samples by this package's Trainer (its ``sample_images``)."""
     device = trainer_module.default_device()
-    torch.manual_seed(0)
-    diffusion = Diffusion(Unet(HANDOUT["unet_dim"]), image_size=HANDOUT["image_size"],
-                          timesteps=HANDOUT["time_steps"])
     images = torch.zeros(2, 3, 36, 36, dtype=torch.uint8)
     image_set = trainer_module.ImageSet(train=images, reference=images[:, :, :32, :32], key="none")
     with tempfile.TemporaryDirectory() as results:
-        trainer = trainer_module.Trainer(diffusion, None, image_set=image_set, device=device,
-                                         results_folder=results, precision=precision)
+        trainer = build_trainer(image_set, results, device, precision=precision)
         seconds, _ = timed(lambda: trainer.sample_images(count), device)
     return seconds
 
