@@ -17,6 +17,7 @@ checkpoint, says how to resume, and exits with status 130.
 """
 import argparse
 import inspect
+import io
 import sys
 import tempfile
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer import (CHECKPOINT_MINUTES, PRECISIONS, SaveError, autocast_dtype,
+from trainer import (CHECKPOINT_MINUTES, PRECISIONS, SaveError, atomic_write, autocast_dtype,
                      build_feature_extractor, default_device, download_afhq, read_checkpoint,
                      require_above_zero, require_positive)
 from unet import Unet, check_groups
@@ -200,6 +201,7 @@ def write_synthetic_afhq(root, classes=("cat", "dog", "wild"), per_class=100, si
 
     ``layout="v2"`` (the course's zip): ``root/train/{class}/*.png``;
     ``layout="v1"``: ``root/afhq/train/{class}/*.jpg`` with an empty ``root/afhq/val/``.
+    The images depend on ``seed`` only, so writing them again keeps the files already there.
     """
     if layout not in ("v1", "v2"):
         raise ValueError(f"layout must be 'v1' or 'v2', got {layout!r}.")
@@ -213,8 +215,19 @@ def write_synthetic_afhq(root, classes=("cat", "dog", "wild"), per_class=100, si
         class_folder.mkdir(parents=True, exist_ok=True)
         colour = SYNTHETIC_COLOURS.get(name, (200, 200, 200))
         for index in range(per_class):
-            synthetic_image(rng, size, colour).save(class_folder / f"{name}_{index:04d}{suffix}")
+            save_unless_unchanged(synthetic_image(rng, size, colour),
+                                  class_folder / f"{name}_{index:04d}{suffix}")
     return train_folder
+
+
+def save_unless_unchanged(image, path):
+    """Save ``image`` as ``path`` (atomically), unless the file already holds those bytes: a
+    rerun of the demo keeps the files' modification times, and with them the cache of the
+    decoded images, which is keyed by them."""
+    encoded = io.BytesIO()
+    image.save(encoded, format=Image.registered_extensions()[path.suffix])
+    if not (path.is_file() and path.read_bytes() == encoded.getvalue()):
+        atomic_write(path, lambda file: file.write(encoded.getvalue()))
 
 
 def run_demo(save_folder="./results", train_steps=DEMO_STEPS["train_steps"],

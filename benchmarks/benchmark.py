@@ -31,6 +31,7 @@ To measure what a CPU without AVX-512 does, cap PyTorch, oneDNN and MKL at AVX2 
 """
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -334,9 +335,23 @@ def in_fresh_process(function, *args):
         return pool.submit(function, *args).result()  # not a daemon: lucidrains' workers may start
 
 
-def seconds_per_step(run, short, long):
-    """(run(long) - run(short)) / (long - short): setup and the final grid cancel out."""
-    return (run(long) - run(short)) / (long - short)
+def timed_in_fresh_process(function, *args):
+    """run(steps): ``function(steps, *args)``, the wall seconds of ``steps`` training steps, each
+    call in a fresh process."""
+    return lambda steps: in_fresh_process(function, steps, *args)
+
+
+def seconds_per_step(runs, short, long, repeats):
+    """Seconds per step of each of ``runs`` (name: run(steps) -> wall seconds):
+    (fastest run(long) - fastest run(short)) / (long - short), so that setup and the final grid
+    cancel out. The runs take turns, ``repeats`` rounds of all of them, so that a slow spell of a
+    shared machine falls on each alike, and the fastest of each is the least disturbed."""
+    fastest = {(name, steps): math.inf for name in runs for steps in (short, long)}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            for steps in (short, long):
+                fastest[name, steps] = min(fastest[name, steps], run(steps))
+    return {name: (fastest[name, long] - fastest[name, short]) / (long - short) for name in runs}
 
 
 def lucidrains_precisions(device):
@@ -346,24 +361,26 @@ def lucidrains_precisions(device):
     return ["fp32", "bf16"] if native else ["fp32"]
 
 
-def compare_with_lucidrains(data_path, results, device, figures, short=5, long=25,
+def compare_with_lucidrains(data_path, results, device, figures, short=5, long=25, repeats=3,
                             samples=128):
-    """Seconds per training step of this package's Trainer and of lucidrains' best option, and
-    images/s of each sampler, every figure from its own fresh process, in one run."""
+    """Seconds per training step of this package's Trainer and of each of lucidrains' options,
+    taking turns (``seconds_per_step``), and images/s of each sampler, every figure from its own
+    fresh process, in one run."""
     if lucidrains_diffusion() is None:
         figures["lucidrains"] = "not installed: pip install -r benchmarks/requirements.txt"
         return
-    cache = results / "cache"
-    ours = seconds_per_step(lambda steps: in_fresh_process(
-        trainer_seconds, steps, data_path, results / "ours", cache), short, long)
-    figures["train_s_per_step[this package's Trainer, default precision]"] = round(ours, 3)
-    theirs = {}
+    runs = {"ours": timed_in_fresh_process(trainer_seconds, data_path, results / "ours",
+                                           results / "cache")}
     for precision in lucidrains_precisions(device):
-        theirs[precision] = seconds_per_step(lambda steps: in_fresh_process(
-            lucidrains_seconds, steps, data_path, results / "lucidrains", precision), short, long)
-        figures[f"train_s_per_step[lucidrains Trainer, {precision}]"] = round(theirs[precision], 3)
-    best = min(theirs, key=theirs.get)
-    figures["train_speedup_over_lucidrains_best"] = f"{theirs[best] / ours:.2f}x (its {best})"
+        runs[precision] = timed_in_fresh_process(lucidrains_seconds, data_path,
+                                                 results / "lucidrains", precision)
+    per_step = seconds_per_step(runs, short, long, repeats)
+    ours = per_step.pop("ours")
+    figures["train_s_per_step[this package's Trainer, default precision]"] = round(ours, 3)
+    for precision, seconds in per_step.items():
+        figures[f"train_s_per_step[lucidrains Trainer, {precision}]"] = round(seconds, 3)
+    best = min(per_step, key=per_step.get)
+    figures["train_speedup_over_lucidrains_best"] = f"{per_step[best] / ours:.2f}x (its {best})"
     for precision in lucidrains_precisions(device):
         mine = samples / in_fresh_process(our_sampling_seconds, samples, precision)
         others = samples / in_fresh_process(lucidrains_sampling_seconds, samples, precision)

@@ -66,6 +66,22 @@ def test_lucidrains_bf16_is_timed_only_where_bf16_is_native(monkeypatch, default
     assert benchmark.lucidrains_precisions(torch.device("cpu")) == timed
 
 
+def test_per_step_seconds_take_turns_and_keep_each_runs_least_disturbed_time():
+    calls = []
+    slow_spells = {1, 6}  # the calls of ours (25 steps, round 1) and theirs (5 steps, round 2)
+
+    def run(name, per_step, setup):
+        def timed(steps):
+            calls.append((name, steps))
+            return setup + per_step * steps + (100 if len(calls) - 1 in slow_spells else 0)
+        return timed
+
+    runs = {"ours": run("ours", 0.5, 7), "theirs": run("theirs", 1.5, 3)}
+    per_step = load_benchmark().seconds_per_step(runs, short=5, long=25, repeats=2)
+    assert per_step == pytest.approx({"ours": 0.5, "theirs": 1.5})
+    assert calls == [("ours", 5), ("ours", 25), ("theirs", 5), ("theirs", 25)] * 2
+
+
 def load_benchmark():
     spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)

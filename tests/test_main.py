@@ -105,6 +105,19 @@ def test_demo_writes_synthetic_cats_and_trains_briefly(tmp_path, monkeypatch):
     assert visualized["save_folder"] == tmp_path and visualized["load_path"] is None
 
 
+def test_writing_the_synthetic_images_again_keeps_the_files_and_so_the_decoded_cache(tmp_path):
+    first = main.write_synthetic_afhq(tmp_path, classes=("cat",), per_class=3, size=8)
+    files = trainer.list_image_files(first, "cat")
+    key = trainer.image_set_key(files, 8)
+    times = [path.stat().st_mtime_ns for path in files]
+    os.utime(files[0], ns=(1, 1))  # a file left by an older run: the same bytes, older time
+    main.write_synthetic_afhq(tmp_path, classes=("cat",), per_class=3, size=8)
+    assert [path.stat().st_mtime_ns for path in files[1:]] == times[1:]
+    assert files[0].stat().st_mtime_ns == 1
+    main.write_synthetic_afhq(tmp_path, classes=("cat",), per_class=3, size=8, seed=1)
+    assert trainer.image_set_key(files, 8) != key  # other images are written over the old
+
+
 def test_synthetic_writer_rejects_unknown_layouts(tmp_path):
     with pytest.raises(ValueError, match="layout must be 'v1' or 'v2'"):
         main.write_synthetic_afhq(tmp_path, layout="v3")
