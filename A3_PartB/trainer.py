@@ -302,9 +302,14 @@ class Trainer:
             format="png"))
         if not self.fid_scorer:
             return None, grid_path
-        fid = self.fid_scorer.score((samples * 255).round().to(torch.uint8))
+        fid = self.score_samples(samples)
         print(f"step {self.step}: FID {fid:.2f}")
         return fid, grid_path
+
+    def score_samples(self, samples):
+        """The FID (on with ``fid=True``) of samples in [0, 1], such as ``sample_images``', saved
+        as 8-bit images are, against the training images of the class."""
+        return self.fid_scorer.score((samples * 255).round().to(torch.uint8))
 
     def sample_images(self, count):
         """``count`` images of Algorithm 2 in [0, 1], float32, by the model's ``sample``: at once
