@@ -148,7 +148,7 @@ def copy_small(source, target):
 
 
 def compare_with_fp32(steps, common, workdir, figures):
-    """The same seeded steps in float32, one FID (512 samples) at the end."""
+    """The same settings and seed in float32, one FID (512 samples) at the end."""
     seconds, (_, _, fp32) = timed(lambda: utils.setup_diffusion(
         steps, steps, True, workdir / "fp32", precision="fp32", **common))
     seconds_training, _ = timed(fp32.train)
