@@ -602,11 +602,24 @@ def test_mixed_precision_logic_with_faked_gpu_capabilities_is_fp16_on_a_t4_bf16_
     assert autocast_dtype(torch.device("cuda")) == dtype
 
 
-@pytest.mark.parametrize("device, fused", [("cuda", True), ("cpu", False)])
+@pytest.mark.parametrize("device, fused", [("cuda", True), ("cpu", True), ("mps", False)])
 def test_adam_is_built_fused_for_a_gpu_so_a_grad_scaler_needs_no_host_sync(device, fused):
     optimizer = adam([torch.nn.Parameter(torch.zeros(3))], 1e-3, torch.device(device))
     assert optimizer.defaults["fused"] is fused
     assert getattr(optimizer, "_step_supports_amp_scaling", False) is fused
+
+
+def test_fused_adam_on_a_cpu_takes_the_plain_adams_steps():
+    torch.manual_seed(0)
+    start, gradients = torch.randn(5, 7), [torch.randn(5, 7) for _ in range(3)]
+    plain, fused = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    optimizers = torch.optim.Adam([plain], lr=1e-3), adam([fused], 1e-3, torch.device("cpu"))
+    for gradient in gradients:
+        for parameter, optimizer in zip((plain, fused), optimizers):
+            parameter.grad = gradient.clone()
+            optimizer.step()
+    assert not torch.equal(plain, start)
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("native_bf16, dtype", [(True, torch.bfloat16), (False, None)])
