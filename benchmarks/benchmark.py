@@ -18,8 +18,9 @@ training step (torch's FLOP counter):
     defaults and with each choice it leaves open (precision; the CUDA graph on a GPU), with
     the mean loss of the timed steps beside each;
   * lucidrains: seconds per step of this package's Trainer and of lucidrains' Trainer (fp32,
-    and its bf16 where native), each from the difference of a 5-step and a 25-step run, and
-    128 samples with each sampler: every figure from a fresh process;
+    and its bf16 where native), taking turns for 3 rounds of a 5-step and a 25-step run, each
+    from the difference of its fastest of each, and 128 samples with each sampler: every
+    figure from a fresh process;
   * sampling: images/s for 512 samples of 50 steps, with each precision;
   * precision: 300 seeded steps in mixed precision and in float32, the mean loss of the last 100;
   * fid: one FID evaluation with cached reference statistics against recomputing them, with an
