@@ -35,7 +35,7 @@ from utils import SEED, train_diffusion, visualize_diffusion
 COUNTS = ("train_steps", "save_and_sample_every", "batch_size", "image_size", "time_steps",
           "unet_dim")
 GROUPS = inspect.signature(Unet).parameters["resnet_block_groups"].default  # as utils builds it
-DEMO_STEPS = {"train_steps": 50, "save_and_sample_every": 25}  # blobs by t = 0 (docs/demo_backward.png)
+DEMO_STEPS = {"train_steps": 50, "save_and_sample_every": 25}  # shows blobs: docs/demo_backward.png
 SYNTHETIC_BACKGROUND = np.array([40.0, 40.0, 55.0])
 SYNTHETIC_COLOURS = {"cat": (230, 150, 60), "dog": (150, 110, 80), "wild": (90, 170, 80)}
 
