@@ -1,7 +1,7 @@
 """The README's pictures: Part B's graded figures from one real run on real photos.
 
     pip install -r benchmarks/requirements.txt
-    python benchmarks/readme_figures.py --cats ../shared/data/cifar_cats_train.npz
+    python benchmarks/readme_figures.py --cats ../shared/data/cifar_cats_train.npz --fid
 
 AFHQ (6.5 GB) and clean-fid's Inception weights cannot be downloaded everywhere, so this script
 takes a stand-in for each: real 32x32 cat photos from an ``.npz`` holding ``images`` (N, 32, 32,
@@ -11,7 +11,8 @@ the same network (weights and input scaling) as the one clean-fid downloads, thr
 own folder pipeline (resize to 299 in its "clean" mode). Then, with the handout's settings:
 
   * Part 1: 1,000 steps with a grid every 100, in the default precision: the loss curve and
-    the last grid; with ``--fid``, Part 2 at once: an FID of 512 samples at every grid;
+    the last grid; with ``--fid``, Part 2 at once: an FID of 512 samples at every grid, then
+    one more FID evaluation of the trained model, timed end to end (sampling, then scoring);
   * Parts 3 and 4: the forward and backward processes of the model after 1,000 steps;
   * with ``--fid``, where the CPU runs bf16 natively (the default is then bf16): the same
     1,000 steps in fp32 with one FID at the end, beside the default's last FID.
