@@ -307,8 +307,8 @@ class Trainer:
         return fid, grid_path
 
     def score_samples(self, samples):
-        """The FID (on with ``fid=True``) of samples in [0, 1], such as ``sample_images``', saved
-        as 8-bit images are, against the training images of the class."""
+        """The FID of samples in [0, 1] (``sample_images``'), rounded to 8 bits as a saved image
+        is, against the training images of the class; needs ``fid=True``."""
         return self.fid_scorer.score((samples * 255).round().to(torch.uint8))
 
     def sample_images(self, count):
