@@ -15,9 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def norm_eps(x):
-    """The starter's epsilon for its normalisations: 1e-5 in float32, else 1e-3."""
-    return 1e-5 if x.dtype == torch.float32 else 1e-3
+def norm_eps(parameter):
+    """The starter's epsilon for its normalisations: 1e-5 for a float32 network, else 1e-3.
+
+    Read from the dtype of the network's own ``parameter``, not of the activations: autocast
+    (bf16, fp16) rounds the activations but keeps the float32 parameters, so a network trained
+    or sampled in mixed precision is the float32 network, epsilon included, and differs only
+    by rounding. (The starter read the input's dtype: under autocast, 1e-3 in the LayerNorms
+    and weight standardisations, a different function from the float32 one.)
+    """
+    return 1e-5 if parameter.dtype == torch.float32 else 1e-3
 
 
 def split_heads(qkv, heads):
@@ -48,7 +55,8 @@ def layer_norm_over_channels(x, gain):
     channels-last view, which reads contiguous channels instead of reducing over a strided axis;
     the result is in channels-last memory, which LinearAttention reads as tokens without a copy.
     """
-    normalised = F.layer_norm(x.movedim(1, -1), x.shape[1:2], gain.reshape(-1), None, norm_eps(x))
+    normalised = F.layer_norm(x.movedim(1, -1), x.shape[1:2], gain.reshape(-1), None,
+                              norm_eps(gain))
     return normalised.movedim(-1, 1)
 
 
@@ -81,7 +89,7 @@ class WeightStandardizedConv2d(nn.Conv2d):
 
     def forward(self, x):
         var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), correction=0, keepdim=True)
-        weight = (self.weight - mean) * (var + norm_eps(x)).rsqrt()
+        weight = (self.weight - mean) * (var + norm_eps(self.weight)).rsqrt()
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 

