@@ -4,7 +4,8 @@
     python make_submission.py --parts A       # Part A only
     python make_submission.py --output ~/A3.zip
 
-Exactly the assignment's files are packed, by the starter's names (PART_FILES), so
+Exactly the assignment's files are packed (PART_FILES: the starter's names and the modules
+they import, so that a part's folder runs alone), so
 scratch code, data, results, checkpoints, caches, wandb runs and credentials can
 never slip in; everything else at the top of a part's folder is listed on stderr
 as left out. A notebook that was never run, or that holds an error output, is
@@ -26,10 +27,11 @@ from submission_checks import PARTS, check_file
 
 REPO_ROOT = Path(__file__).resolve().parent
 PART_FOLDERS = {"A": "A3_PartA", "B": "A3_PartB"}
-PART_FILES = {
+PART_FILES = {  # the starter's files, and the modules of this package that they import
     "A": ("vae.py", "a3_helper.py", "variational_autoencoders.ipynb"),
     "B": ("diffusion.py", "main.py", "trainer.py", "unet.py", "utils.py",
-          "run_diffusion.ipynb", "requirements.txt"),
+          "afhq.py", "checkpoints.py", "device.py", "fid_score.py", "files.py", "images.py",
+          "reporting.py", "settings.py", "run_diffusion.ipynb", "requirements.txt"),
 }
 
 
@@ -103,8 +105,7 @@ def report_left_out(entries, root):
     """List on stderr every file and folder that was not packed, and why."""
     if not entries:
         return
-    print("Left out of the zip (not part of the assignment, which takes only the starter's "
-          "files):", file=sys.stderr)
+    print("Left out of the zip (not part of the assignment's files, PART_FILES):", file=sys.stderr)
     for path in entries:
         print(f"  {path.relative_to(root).as_posix()}{'/' if path.is_dir() else ''}",
               file=sys.stderr)

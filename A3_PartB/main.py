@@ -10,10 +10,11 @@ From the A3_PartB folder, each part in a results folder of its own (as the noteb
 Add --download to the first run to download AFHQ and unzip the class first, where missing; after
 a disconnect, the same command completes a download or an unzip cut short.
 
-The defaults are the starter's. Every flag is checked before any work starts: a bad one prints
-one line on stderr that names it, and the exit status is 2; so does a file that cannot be
-written (a full disk, no permission), and the checkpoint already saved is intact. Ctrl-C saves a
-checkpoint, says how to resume, and exits with status 130.
+The defaults are the starter's (``settings.SETTINGS``). Every flag but --data_path is checked
+before any work starts: a bad one is named on stderr, and the exit status is 2 (argparse's usage
+and error for a number out of range, one line for the rest); a file that cannot be written (a
+full disk, no permission) also exits with 2, and the checkpoint already saved is intact. Ctrl-C
+saves a checkpoint, says how to resume, and exits with status 130.
 """
 import argparse
 import inspect
@@ -26,56 +27,93 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer import (CHECKPOINT_MINUTES, PRECISIONS, SaveError, atomic_write, autocast_dtype,
-                     build_feature_extractor, default_device, download_afhq, read_checkpoint,
-                     require_above_zero, require_positive)
-from unet import Unet, check_groups
+from afhq import download_afhq
+from checkpoints import read_checkpoint
+from device import autocast_dtype, default_device, PRECISIONS
+from fid_score import inception_network
+from files import atomic_write, SaveError
+from settings import SETTINGS
+from unet import check_groups, check_halvings, Unet
 from utils import SEED, train_diffusion, visualize_diffusion
 
-COUNTS = ("train_steps", "save_and_sample_every", "batch_size", "image_size", "time_steps",
-          "unet_dim")
 GROUPS = inspect.signature(Unet).parameters["resnet_block_groups"].default  # as utils builds it
-DEMO_STEPS = {"train_steps": 50, "save_and_sample_every": 25}  # shows blobs: docs/demo_backward.png
+DEMO_STEPS = {"train_steps": 50, "save_and_sample_every": 25}  # blobs by t = 0 in its backward figure
 SYNTHETIC_BACKGROUND = np.array([40.0, 40.0, 55.0])
 SYNTHETIC_COLOURS = {"cat": (230, 150, 60), "dog": (150, 110, 80), "wild": (90, 170, 80)}
 
 
+def at_least_one(text):
+    """argparse's type of a count: a whole number >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def zero_or_more(text):
+    """argparse's type of a number of workers: a whole number >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def above_zero(text):
+    """argparse's type of an amount: a number > 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value:g}")
+    return value
+
+
 def build_parser():
-    """The starter's flags and defaults (the handout's tables 1-3), plus --demo, --download and
-    options of this package's trainer."""
+    """The starter's flags with its defaults (the handout's tables 1-3, from ``SETTINGS``), plus
+    --demo, --download and options of this package's trainer."""
     parser = argparse.ArgumentParser(description="Train or visualize a DDPM on AFHQ.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--train_steps", type=int, default=10000,
-                        help="training iterations (Parts 1-2: 1000, Part 5: 10000)")
-    parser.add_argument("--save_and_sample_every", type=int, default=1000,
+    parser.add_argument("--train_steps", type=at_least_one, default=SETTINGS.train_steps,
+                        help="training iterations (Parts 1-2 pass 1000; the default is Part 5's)")
+    parser.add_argument("--save_and_sample_every", type=at_least_one,
+                        default=SETTINGS.save_and_sample_every,
                         help="steps between checkpoints, sample grids and FID (Parts 1-2: 100)")
     parser.add_argument("--fid", action="store_true", help="compute FID at every save (Part 2)")
-    parser.add_argument("--save_folder", default="./results",
+    parser.add_argument("--save_folder", default=SETTINGS.save_folder,
                         help="where the checkpoint, grids and figures go")
-    parser.add_argument("--data_path", default="./data/train/",
+    parser.add_argument("--data_path", default=SETTINGS.data_path,
                         help="folder holding cat/ dog/ wild/ (or the dataset root above it)")
     parser.add_argument("--load_path", default=None,
                         help="checkpoint to resume from, or to visualize "
                              "(for --visualize: SAVE_FOLDER/model.pt when not given)")
-    parser.add_argument("--unet_dim_mults", type=int, nargs="+", default=[1, 2, 4, 8],
+    parser.add_argument("--unet_dim_mults", type=at_least_one, nargs="+",
+                        default=list(SETTINGS.unet_dim_mults),
                         help="U-Net channel multipliers, one per resolution")
-    parser.add_argument("--image_size", type=int, default=32, help="side of the square images")
-    parser.add_argument("--batch_size", type=int, default=32, help="images per batch")
-    parser.add_argument("--data_class", default="cat", choices=["all", "cat", "dog", "wild"],
-                        help="AFHQ class to train on")
-    parser.add_argument("--time_steps", type=int, default=50, help="diffusion steps T")
-    parser.add_argument("--unet_dim", type=int, default=16,
-                        help="output channels of the U-Net's first layer (a multiple of 8)")
-    parser.add_argument("--learning_rate", type=float, default=1e-3, help="Adam's learning rate")
-    parser.add_argument("--dataloader_workers", type=int, default=16,
+    parser.add_argument("--image_size", type=at_least_one, default=SETTINGS.image_size,
+                        help="side of the square images")
+    parser.add_argument("--batch_size", type=at_least_one, default=SETTINGS.batch_size,
+                        help="images per batch")
+    parser.add_argument("--data_class", default=SETTINGS.data_class,
+                        choices=["all", "cat", "dog", "wild"], help="AFHQ class to train on")
+    parser.add_argument("--time_steps", type=at_least_one, default=SETTINGS.time_steps,
+                        help="diffusion steps T")
+    parser.add_argument("--unet_dim", type=at_least_one, default=SETTINGS.unet_dim,
+                        help=f"output channels of the U-Net's first layer (a multiple of {GROUPS})")
+    parser.add_argument("--learning_rate", type=above_zero, default=SETTINGS.learning_rate,
+                        help="Adam's learning rate")
+    parser.add_argument("--dataloader_workers", type=zero_or_more,
+                        default=SETTINGS.dataloader_workers,
                         help="decoding threads and clean-fid workers (capped at the CPU count)")
-    parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+    parser.add_argument("--precision", default=SETTINGS.precision, choices=["auto", *PRECISIONS],
                         help="auto: mixed precision where the device runs it natively (bf16 on "
                              "recent GPUs and CPUs with native bf16, fp16 on older GPUs such as "
                              "the T4), else fp32; fp16 needs a CUDA GPU")
-    parser.add_argument("--checkpoint_minutes", type=float, default=CHECKPOINT_MINUTES,
+    parser.add_argument("--checkpoint_minutes", type=above_zero,
+                        default=SETTINGS.checkpoint_minutes,
                         help="minutes of training between checkpoints besides the milestones, "
                              "so a kill loses at most that much")
+    parser.add_argument("--resume", action="store_true",
+                        help="without --load_path: go on from SAVE_FOLDER/model.pt when it holds "
+                             "the same model settings (one of other settings is kept aside under "
+                             "another name); a finished run is not trained again")
     parser.add_argument("--no_cuda_graph", dest="cuda_graph", action="store_false",
                         help="on a GPU, run each training step eagerly instead of replaying it "
                              "as a CUDA graph (for a capture that fails)")
@@ -98,30 +136,22 @@ def build_parser():
 # ---------------------------------------------------------------- the flags' checks
 
 
-def check_numbers(settings):
-    """Counts are positive, and the U-Net can be built for the image size (trainer's
-    require_positive and unet's check_groups; the image size is checked here on purpose, as the
-    U-Net checks it only at its first step)."""
-    require_positive(**{f"--{flag}": settings[flag] for flag in COUNTS})
-    require_above_zero(**{f"--{flag}": settings[flag]
-                          for flag in ("learning_rate", "checkpoint_minutes")})
-    if settings["dataloader_workers"] < 0:
-        raise ValueError(f"--dataloader_workers must be 0 or more, got "
-                         f"{settings['dataloader_workers']}.")
-    mults = settings["unet_dim_mults"]
-    if min(mults) < 1:
-        raise ValueError(f"--unet_dim_mults must all be at least 1, got {mults}.")
+def check_network(args):
+    """The U-Net's own checks of its widths and of the image size, under the flags' names
+    (the U-Net checks the image size only at its first step, after the images are decoded)."""
     try:
-        check_groups([settings["unet_dim"] * mult for mult in (1, *mults)], GROUPS)  # its widths
+        check_groups([args.unet_dim * mult for mult in (1, *args.unet_dim_mults)], GROUPS)
     except ValueError:
         raise ValueError(f"--unet_dim must be a multiple of {GROUPS} (the U-Net's GroupNorm "
-                         f"groups), got {settings['unet_dim']}.") from None
-    halvings = len(mults) - 1
-    if settings["image_size"] % 2 ** halvings:
+                         f"groups), got {args.unet_dim}.") from None
+    try:
+        check_halvings(args.image_size, levels=len(args.unet_dim_mults))
+    except ValueError:
+        halvings = len(args.unet_dim_mults) - 1
         raise ValueError(
-            f"--image_size {settings['image_size']} cannot be halved {halvings} times, as "
-            f"--unet_dim_mults {' '.join(map(str, mults))} needs: use a multiple of "
-            f"{2 ** halvings}, or fewer --unet_dim_mults.")
+            f"--image_size {args.image_size} cannot be halved {halvings} times, as "
+            f"--unet_dim_mults {' '.join(map(str, args.unet_dim_mults))} needs: use a multiple "
+            f"of {2 ** halvings}, or fewer --unet_dim_mults.") from None
 
 
 def check_save_folder(folder):
@@ -135,50 +165,46 @@ def check_save_folder(folder):
                          "choose a folder you can write to.") from None
 
 
-def check_checkpoint(settings, visualize):
+def check_checkpoint(args):
     """The checkpoint to visualize or to resume is readable; one to resume is not already at
     --train_steps. Read here and again by the Trainer on purpose: only the command line knows
     it is to resume, and says so before the U-Net and the data are built."""
-    path = settings["load_path"]
-    if path is None and visualize:
-        path = Path(settings["save_folder"]) / "model.pt"
+    path = args.load_path
+    if path is None and args.visualize:
+        path = Path(args.save_folder) / "model.pt"
     if path is None:
         return
     try:
         step = read_checkpoint(path, torch.device("cpu"))["step"]
     except (FileNotFoundError, ValueError) as error:
         raise ValueError(f"--load_path: {error}") from None
-    if not visualize and step >= settings["train_steps"]:
+    if not args.visualize and step >= args.train_steps:
         raise ValueError(f"--load_path {path} is at step {step}, and --train_steps is "
-                         f"{settings['train_steps']}: pass a larger --train_steps to train on.")
+                         f"{args.train_steps}: pass a larger --train_steps to train on.")
 
 
 def fid_network():
     """clean-fid's Inception network on the training device (downloaded once, on first use):
     built here, so that a failed download is said before any work, and passed on to training."""
     try:
-        return build_feature_extractor("clean", default_device(), use_dataparallel=False)
-    except Exception as error:  # noqa: BLE001 - a download fails in many ways
-        raise ValueError(f"--fid needs clean-fid's Inception network, which is downloaded from "
-                         f"the internet once ({type(error).__name__}: {error}). Connect once, or "
-                         "run without --fid.") from None
+        return inception_network(default_device())
+    except ValueError as error:
+        raise ValueError(f"--fid: {error}") from None
 
 
-def check_flags(settings, visualize):
-    """Every check that can fail, before any image is decoded or any run is started; returns
-    the FID network that the --fid check built for training (None without --fid).
-
-    The checks are the package's own under the flags' names; the Trainer and the U-Net repeat
-    the cheap ones where their arguments enter, for the notebook's calls, which skip this file.
+def check_flags(args):
+    """The checks that span flags (argparse's types check each number), before any image is
+    decoded or any run is started; returns the FID network that the --fid check built for
+    training (None without --fid). Each calls the package's own check, under the flags' names.
     """
-    check_numbers(settings)
+    check_network(args)
     try:
-        autocast_dtype(default_device(), settings["precision"])
+        autocast_dtype(default_device(), args.precision)
     except ValueError as error:
         raise ValueError(f"--precision: {error}") from None
-    check_save_folder(settings["save_folder"])
-    check_checkpoint(settings, visualize)
-    return fid_network() if settings["fid"] and not visualize else None
+    check_save_folder(args.save_folder)
+    check_checkpoint(args)
+    return fid_network() if args.fid and not args.visualize else None
 
 
 # ---------------------------------------------------------------- the demo
@@ -230,58 +256,72 @@ def save_unless_unchanged(image, path):
         atomic_write(path, lambda file: file.write(encoded.getvalue()))
 
 
-def run_demo(save_folder="./results", train_steps=DEMO_STEPS["train_steps"],
-             save_and_sample_every=DEMO_STEPS["save_and_sample_every"], fid=False,
-             checkpoint_minutes=CHECKPOINT_MINUTES, fid_feature_extractor=None, cuda_graph=True,
-             **settings):
+def run_demo(args, fid_network=None):
     """Train on 300 synthetic 64x64 "cats" and draw both process figures; needs no download.
 
-    With the handout's model, the demo takes under 90 s on a 2-core CPU. ``settings`` are
-    ``train_diffusion``'s other arguments; the synthetic images, written into
-    ``save_folder/demo_data``, replace ``data_path``. Returns the paths of the two figures.
+    With the handout's model, the demo takes under 90 s on a 2-core CPU. The synthetic images,
+    written into ``SAVE_FOLDER/demo_data``, replace --data_path. Returns the paths of the two
+    figures.
     """
-    data_path = write_synthetic_afhq(Path(save_folder) / "demo_data", classes=("cat",),
+    data_path = write_synthetic_afhq(Path(args.save_folder) / "demo_data", classes=("cat",),
                                      per_class=300, size=64)
-    settings = {**settings, "save_folder": save_folder, "data_path": data_path, "fid": fid,
-                "train_steps": train_steps, "save_and_sample_every": save_and_sample_every}
-    train_diffusion(**settings, checkpoint_minutes=checkpoint_minutes,
-                    fid_feature_extractor=fid_feature_extractor, cuda_graph=cuda_graph)
-    return visualize_diffusion(**{**settings, "load_path": None})  # the model just trained
+    train(args, data_path, fid_network)
+    return visualize(args, data_path, load_path=None)  # the model just trained
 
 
-def demo_settings(settings, defaults):
-    """--demo's settings: its step counts unless the flags are given (a flag left at its default
-    counts as not given); its own synthetic images instead of --data_path."""
-    if settings["data_path"] != defaults["data_path"]:
-        print("--demo trains on synthetic images it writes itself; --data_path is ignored.")
-    steps = {flag: value for flag, value in DEMO_STEPS.items()
-             if settings[flag] == defaults[flag]}
-    return {**settings, **steps}
+def train(args, data_path, fid_network):
+    """``train_diffusion`` with the flags, each by name."""
+    return train_diffusion(
+        train_steps=args.train_steps, save_and_sample_every=args.save_and_sample_every,
+        fid=args.fid, save_folder=args.save_folder, data_path=data_path,
+        load_path=args.load_path, unet_dim_mults=args.unet_dim_mults,
+        image_size=args.image_size, batch_size=args.batch_size, data_class=args.data_class,
+        time_steps=args.time_steps, unet_dim=args.unet_dim, learning_rate=args.learning_rate,
+        dataloader_workers=args.dataloader_workers, precision=args.precision,
+        checkpoint_minutes=args.checkpoint_minutes, fid_feature_extractor=fid_network,
+        cuda_graph=args.cuda_graph, resume=args.resume)
+
+
+def visualize(args, data_path, load_path):
+    """``visualize_diffusion`` with the flags, each by name."""
+    return visualize_diffusion(
+        train_steps=args.train_steps, save_and_sample_every=args.save_and_sample_every,
+        fid=args.fid, save_folder=args.save_folder, data_path=data_path, load_path=load_path,
+        unet_dim_mults=args.unet_dim_mults, image_size=args.image_size,
+        batch_size=args.batch_size, data_class=args.data_class, time_steps=args.time_steps,
+        unet_dim=args.unet_dim, learning_rate=args.learning_rate,
+        dataloader_workers=args.dataloader_workers, precision=args.precision)
+
+
+def parse_flags(argv=None):
+    """The flags; with --demo, its step counts unless those flags are given (a flag left at
+    its default counts as not given)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.delete_zip and not args.download:
+        parser.error("--delete_zip goes with --download")
+    if args.demo:
+        if args.data_path != SETTINGS.data_path:
+            print("--demo trains on synthetic images it writes itself; --data_path is ignored.")
+        for flag, steps in DEMO_STEPS.items():
+            if getattr(args, flag) == getattr(SETTINGS, flag):
+                setattr(args, flag, steps)
+    return args
 
 
 def main(argv=None):
     """Run the command line; returns the exit status."""
-    parser = build_parser()
-    settings = vars(parser.parse_args(argv))
-    demo = settings.pop("demo")
-    visualize = settings.pop("visualize")
-    download, delete_zip = settings.pop("download"), settings.pop("delete_zip")
-    if delete_zip and not download:
-        parser.error("--delete_zip goes with --download")
-    if demo:
-        settings = demo_settings(settings, vars(parser.parse_args([])))
+    args = parse_flags(argv)
     try:
-        training = {"fid_feature_extractor": check_flags(settings, visualize),  # training only
-                    "checkpoint_minutes": settings.pop("checkpoint_minutes"),
-                    "cuda_graph": settings.pop("cuda_graph")}
-        if download and not demo:
-            download_afhq(settings["data_path"], settings["data_class"], keep_zip=not delete_zip)
-        if demo:
-            run_demo(**settings, **training)
-        elif visualize:
-            visualize_diffusion(**settings)
+        fid_network = check_flags(args)
+        if args.download and not args.demo:
+            download_afhq(args.data_path, args.data_class, keep_zip=not args.delete_zip)
+        if args.demo:
+            run_demo(args, fid_network)
+        elif args.visualize:
+            visualize(args, args.data_path, args.load_path)
         else:
-            train_diffusion(**settings, **training)
+            train(args, args.data_path, fid_network)
     except (ValueError, FileNotFoundError, FloatingPointError, SaveError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

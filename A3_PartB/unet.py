@@ -249,6 +249,16 @@ def check_groups(widths, groups):
         )
 
 
+def check_halvings(side, levels):
+    """A U-Net of ``levels`` levels halves the image ``levels - 1`` times, so its side must be
+    divisible by ``2 ** (levels - 1)``."""
+    halvings = levels - 1
+    if side % 2 ** halvings:
+        raise ValueError(f"an image side of {side} cannot be halved {halvings} times by a "
+                         f"{levels}-level U-Net; use an image size divisible by {2 ** halvings} "
+                         "or fewer dim_mults")
+
+
 class Unet(nn.Module):
     """U-Net predicting the noise of x_t at time step t: ``forward(x, time) -> epsilon``.
 
@@ -288,14 +298,8 @@ class Unet(nn.Module):
 
     def _check_image_size(self, x):
         # from the layers, not self.dim_mults, which a model pickled by the starter lacks
-        halvings = len(self.downs) - 1
-        factor = 2 ** halvings
-        height, width = x.shape[-2:]
-        if height % factor or width % factor:
-            raise ValueError(
-                f"a {height}x{width} image cannot be halved {halvings} times by this "
-                f"{len(self.downs)}-level U-Net; use an image size divisible by {factor} or fewer dim_mults"
-            )
+        for side in x.shape[-2:]:
+            check_halvings(side, levels=len(self.downs))
 
     def forward(self, x, time):
         self._check_image_size(x)

@@ -52,13 +52,16 @@ from torchvision import transforms
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "A3_PartB"))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+import device as device_module  # noqa: E402
+import fid_score  # noqa: E402
+import images as images_module  # noqa: E402
 import trainer as trainer_module  # noqa: E402
 import utils  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 from main import SYNTHETIC_COLOURS, synthetic_image  # noqa: E402
+from settings import SETTINGS  # noqa: E402
 from unet import Unet  # noqa: E402
 
-HANDOUT = dict(image_size=32, batch_size=32, time_steps=50, unet_dim=16)
 SAMPLES = 512
 SECTIONS = ("pipeline", "training", "lucidrains", "sampling", "precision", "fid", "part1", "part2",
             "part5")
@@ -117,13 +120,13 @@ def write_dataset(root, count):
 def starter_pipeline_images_per_s(data_path, batches, device):
     """The starter's way: decode, resize, crop and flip each PNG every time it is drawn."""
     transform = transforms.Compose([
-        transforms.Resize(int(HANDOUT["image_size"] * trainer_module.CROP_MARGIN)),
-        transforms.RandomCrop(HANDOUT["image_size"]),
+        transforms.Resize(int(SETTINGS.image_size * images_module.CROP_MARGIN)),
+        transforms.RandomCrop(SETTINGS.image_size),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
     ])
     dataset = torchvision.datasets.ImageFolder(str(data_path), transform=transform)
-    loader = DataLoader(dataset, batch_size=HANDOUT["batch_size"], shuffle=True,
+    loader = DataLoader(dataset, batch_size=SETTINGS.batch_size, shuffle=True,
                         num_workers=min(4, os.cpu_count()), drop_last=True)
     batches = min(batches, len(loader))
 
@@ -132,23 +135,23 @@ def starter_pipeline_images_per_s(data_path, batches, device):
             images.to(device)
 
     seconds, _ = timed(run, device)
-    return batches * HANDOUT["batch_size"] / seconds
+    return batches * SETTINGS.batch_size / seconds
 
 
 def cached_pipeline_images_per_s(image_set, batches, device):
     """trainer.py's way: random crops and flips of the decoded uint8 tensor on the device."""
-    source = trainer_module.DeviceBatches(image_set.train, HANDOUT["image_size"],
-                                          HANDOUT["batch_size"], True, device)
+    source = images_module.DeviceBatches(image_set.train, SETTINGS.image_size,
+                                          SETTINGS.batch_size, True, device)
     source.next_batch()
     seconds, _ = timed(lambda: [source.next_batch() for _ in range(batches)], device)
-    return batches * HANDOUT["batch_size"] / seconds
+    return batches * SETTINGS.batch_size / seconds
 
 
 def precision_options(device):
     """The option sets to time against each other: the Trainer's default (first) and each choice
     it leaves to the user on this device (mixed precision; the CUDA graph on a GPU)."""
     if device.type != "cuda":
-        default = trainer_module.autocast_dtype(device) or "fp32"
+        default = device_module.autocast_dtype(device) or "fp32"
         name = "bf16" if default == torch.bfloat16 else "fp32"
         return {f"default ({name})": {}, "fp32": dict(precision="fp32")}
     return {"default (auto precision + CUDA graph)": {},
@@ -160,8 +163,8 @@ def precision_options(device):
 def build_trainer(image_set, results, device, **options):
     """A Trainer of the handout's model on the decoded images, with the given options."""
     torch.manual_seed(0)
-    diffusion = Diffusion(Unet(HANDOUT["unet_dim"]), image_size=HANDOUT["image_size"],
-                          timesteps=HANDOUT["time_steps"])
+    diffusion = Diffusion(Unet(SETTINGS.unet_dim), image_size=SETTINGS.image_size,
+                          timesteps=SETTINGS.time_steps)
     return trainer_module.Trainer(diffusion, None, image_set=image_set, dataset="train",
                                   results_folder=results, device=device, **options)
 
@@ -177,7 +180,7 @@ def trained(image_set, results, device, steps, **options):
 
 def matmul_gflops(dtype, size=2048, repeats=5):
     """The CPU's (or GPU's) rate on one large matmul: the limit its training step is held to."""
-    device = trainer_module.default_device()
+    device = device_module.default_device()
     a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
     a @ b
     best = min(timed(lambda: a @ b, device)[0] for _ in range(repeats))
@@ -186,9 +189,9 @@ def matmul_gflops(dtype, size=2048, repeats=5):
 
 def handout_model_and_batch(device):
     torch.manual_seed(0)
-    diffusion = Diffusion(Unet(HANDOUT["unet_dim"]), image_size=HANDOUT["image_size"],
-                          timesteps=HANDOUT["time_steps"]).to(device)
-    x_0 = torch.rand(2 * HANDOUT["batch_size"], 3, HANDOUT["image_size"], HANDOUT["image_size"],
+    diffusion = Diffusion(Unet(SETTINGS.unet_dim), image_size=SETTINGS.image_size,
+                          timesteps=SETTINGS.time_steps).to(device)
+    x_0 = torch.rand(2 * SETTINGS.batch_size, 3, SETTINGS.image_size, SETTINGS.image_size,
                      device=device) * 2 - 1
     return diffusion, x_0
 
@@ -206,7 +209,7 @@ def plain_fp32_step_seconds(device, steps=5):
     """Median seconds of a plain float32 step (loss, backward, Adam), no Trainer around it."""
     diffusion, x_0 = handout_model_and_batch(device)
     if device.type == "cpu":
-        trainer_module.keep_freed_memory_for_reuse()  # as the Trainer does on a CPU
+        device_module.keep_freed_memory_for_reuse()  # as the Trainer does on a CPU
     optimizer = torch.optim.Adam(diffusion.parameters(), lr=1e-3)
 
     def step():
@@ -222,9 +225,9 @@ def plain_fp32_step_seconds(device, steps=5):
 def machine_figures(device, figures):
     """The machine, and the rates its training figures are measured against."""
     figures["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-    figures["cpu_native_bf16"] = trainer_module.cpu_has_native_bf16()
+    figures["cpu_native_bf16"] = device_module.cpu_has_native_bf16()
     figures["matmul_gflops[fp32]"] = round(matmul_gflops(torch.float32), 1)
-    if trainer_module.autocast_dtype(device) == torch.bfloat16:
+    if device_module.autocast_dtype(device) == torch.bfloat16:
         figures["matmul_gflops[bf16]"] = round(matmul_gflops(torch.bfloat16), 1)
     figures["train_step_gflop"] = round(step_gflop(), 1)
 
@@ -258,7 +261,7 @@ def time_precision_options(image_set, results, device, args, figures):
 def precision_trains_the_same(image_set, results, device, figures, steps=300, last=100):
     """The default mixed precision against float32 over the same seeded ``steps``: the mean
     loss of the last ``last`` steps of each, and their relative difference."""
-    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(trainer_module.autocast_dtype(device))
+    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(device_module.autocast_dtype(device))
     if mixed is None:
         figures["precision_check"] = "this device trains in fp32 by default"
         return
@@ -289,9 +292,9 @@ def lucidrains_diffusion():
     except ImportError:
         return None
     torch.manual_seed(0)
-    unet = lucidrains.Unet(HANDOUT["unet_dim"], dim_mults=(1, 2, 4, 8))
-    return lucidrains.GaussianDiffusion(unet, image_size=HANDOUT["image_size"],
-                                        timesteps=HANDOUT["time_steps"], objective="pred_noise",
+    unet = lucidrains.Unet(SETTINGS.unet_dim, dim_mults=(1, 2, 4, 8))
+    return lucidrains.GaussianDiffusion(unet, image_size=SETTINGS.image_size,
+                                        timesteps=SETTINGS.time_steps, objective="pred_noise",
                                         beta_schedule="cosine")
 
 
@@ -301,7 +304,7 @@ def lucidrains_seconds(steps, data_path, results, precision):
     float32 or in its own bf16 mixed precision (``amp``)."""
     from denoising_diffusion_pytorch import Trainer as LucidrainsTrainer
     trainer = LucidrainsTrainer(lucidrains_diffusion(), str(data_path / "cat"),
-                                train_batch_size=HANDOUT["batch_size"], gradient_accumulate_every=2,
+                                train_batch_size=SETTINGS.batch_size, gradient_accumulate_every=2,
                                 train_lr=1e-3, train_num_steps=steps, save_and_sample_every=10 ** 9,
                                 results_folder=str(results), calculate_fid=False,
                                 amp=precision == "bf16", mixed_precision_type="bf16")
@@ -311,7 +314,7 @@ def lucidrains_seconds(steps, data_path, results, precision):
 
 def lucidrains_sampling_seconds(count, precision):
     """Wall time of lucidrains' ``sample`` of ``count`` images (bf16: under autocast)."""
-    device = trainer_module.default_device()
+    device = device_module.default_device()
     diffusion = lucidrains_diffusion().to(device).eval()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         seconds, _ = timed(lambda: diffusion.sample(batch_size=count), device)
@@ -320,9 +323,9 @@ def lucidrains_sampling_seconds(count, precision):
 
 def our_sampling_seconds(count, precision):
     """Wall time of ``count`` samples by this package's Trainer (its ``sample_images``)."""
-    device = trainer_module.default_device()
+    device = device_module.default_device()
     images = torch.zeros(2, 3, 36, 36, dtype=torch.uint8)
-    image_set = trainer_module.ImageSet(train=images, reference=images[:, :, :32, :32], key="none")
+    image_set = images_module.ImageSet(train=images, reference=images[:, :, :32, :32], key="none")
     with tempfile.TemporaryDirectory() as results:
         trainer = build_trainer(image_set, results, device, precision=precision)
         seconds, _ = timed(lambda: trainer.sample_images(count), device)
@@ -358,7 +361,7 @@ def seconds_per_step(runs, short, long, repeats):
 def lucidrains_precisions(device):
     """lucidrains' options worth timing here: float32, and its bf16 where the CPU or GPU runs
     bf16 natively (elsewhere it is emulated: 15.5 s/step against 2.5 on an AVX2-only CPU)."""
-    native = trainer_module.autocast_dtype(device) == torch.bfloat16
+    native = device_module.autocast_dtype(device) == torch.bfloat16
     return ["fp32", "bf16"] if native else ["fp32"]
 
 
@@ -414,10 +417,9 @@ def fid_seconds(image_set, results, device, reference_count):
     """(seconds with the reference statistics recomputed, seconds with them cached)."""
     reference = image_set.reference[:reference_count]
     samples = image_set.reference[:SAMPLES]
-    scorer = trainer_module.FidScorer(reference, Path(results) / "fid_reference.npz",
-                                      Path(results) / "fid_samples", device,
-                                      trainer_module.fid_worker_count(4),
-                                      inception_sized_extractor(device))
+    scorer = fid_score.FidScorer(reference, Path(results) / "fid_reference.npz",
+                                 Path(results) / "fid_samples", device,
+                                 fid_score.fid_worker_count(4), inception_sized_extractor(device))
     recompute, _ = timed(lambda: scorer.score(samples), device)
     cached, _ = timed(lambda: scorer.score(samples), device)
     return recompute, cached
@@ -449,7 +451,7 @@ class Figures(dict):
 
 
 def run(args, workdir, figures):
-    device = trainer_module.default_device()
+    device = device_module.default_device()
     figures["device"] = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     figures["cpus"] = os.cpu_count()
     figures["torch"] = torch.__version__
@@ -459,8 +461,8 @@ def run(args, workdir, figures):
     figures["mean_png_kb"] = round(mean_file_size / 1024)
     results = workdir / "results"
 
-    decode_s, image_set = timed(lambda: trainer_module.load_image_set(
-        data_path, "cat", HANDOUT["image_size"], results / "cache", os.cpu_count()), device)
+    decode_s, image_set = timed(lambda: images_module.load_image_set(
+        data_path, "cat", SETTINGS.image_size, results / "cache", os.cpu_count()), device)
     figures["decode_once_s"] = round(decode_s, 1)
     sections = set(args.sections)
     if "pipeline" in sections:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import build_trainer, trainer_module  # noqa: E402
+from benchmark import build_trainer, device_module, images_module  # noqa: E402
 from precision_fidelity import network_fidelity, with_small_variances, beyond_bounds  # noqa: E402
 from unet import Unet  # noqa: E402
 
@@ -38,7 +38,7 @@ def random_cats(count=512, side=35):
     """Random uint8 images standing in for the decoded cats (speed and equality need no photos)."""
     images = torch.randint(0, 256, (count, 3, side, side), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
-    return trainer_module.ImageSet(train=images, reference=images[:, :, :32, :32], key="random")
+    return images_module.ImageSet(train=images, reference=images[:, :, :32, :32], key="random")
 
 
 def one_step(trainer, seed):
@@ -106,7 +106,7 @@ def main():
     device = torch.device("cuda")
     image_set = random_cats()
     results = Path("gpu_check_results")
-    default = {torch.bfloat16: "bf16", torch.float16: "fp16"}[trainer_module.autocast_dtype(device)]
+    default = {torch.bfloat16: "bf16", torch.float16: "fp16"}[device_module.autocast_dtype(device)]
     figures = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
                "default precision": default}
     failed = False

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "A3_PartB"))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-import trainer as trainer_module  # noqa: E402
+import images as images_module  # noqa: E402
 import unet  # noqa: E402
 import utils  # noqa: E402
 from readme_figures import machine  # noqa: E402
@@ -140,7 +140,7 @@ def beyond_bounds(errors):
 
 def noised_batch(trainer, t_index, count=32):
     """A fixed batch of the training images taken to x_t at ``t_index`` (q_sample, eq. 2)."""
-    x_0 = trainer_module.to_model_range(trainer.batches.first_batch(count))
+    x_0 = images_module.to_model_range(trainer.batches.first_batch(count))
     generator = torch.Generator(device=x_0.device).manual_seed(0)
     noise = torch.randn(x_0.shape, generator=generator, device=x_0.device)
     t = torch.full((count,), t_index, device=x_0.device, dtype=torch.long)

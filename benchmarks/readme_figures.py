@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "A3_PartB"))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-import trainer as trainer_module  # noqa: E402
+import device as device_module  # noqa: E402
+import reporting  # noqa: E402
 import utils  # noqa: E402
 from real_cats import cats_train_folder, describe  # noqa: E402
 
@@ -88,7 +89,7 @@ def cpu_name():
 def machine():
     """The CPU a figure was made on: cores, model, PyTorch's capability, native bf16."""
     return (f"{os.cpu_count()}-core {cpu_name()}, ATen {torch.backends.cpu.get_cpu_capability()}, "
-            f"native bf16: {trainer_module.cpu_has_native_bf16()}")
+            f"native bf16: {device_module.cpu_has_native_bf16()}")
 
 
 def timed(function):
@@ -119,7 +120,7 @@ def run(args, workdir, figures):
                                           load_path=part2 / "model.pt", **common)
     trained.visualize_diffusion()
     if args.fid and default.amp_dtype is not None:
-        default_precision = next(name for name, dtype in trainer_module.PRECISIONS.items()
+        default_precision = next(name for name, dtype in device_module.PRECISIONS.items()
                                  if dtype == default.amp_dtype)
         compare_with_fp32(args.steps, common, workdir, default_precision, figures)
     pictures = {**FIGURES, f"sample_{(args.steps - 1) // args.every}.png": "part1_samples.png"}
@@ -167,7 +168,7 @@ def compare_with_fp32(steps, common, workdir, default_precision, figures):
             panels.append(sample_in_precision(steps, common, folder, trained_in, sampled_in,
                                               figures))
             titles.append(f"trained {trained_in}, sampled {sampled_in}")
-    trainer_module.plot_process(panels, titles, workdir / "part2" / "precisions.png")
+    reporting.plot_process(panels, titles, workdir / "part2" / "precisions.png")
 
 
 def sample_in_precision(steps, common, folder, trained_in, sampled_in, figures):

@@ -12,7 +12,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "A3_PartB"))
 
-import trainer as trainer_module  # noqa: E402
+import afhq  # noqa: E402
 from main import save_unless_unchanged  # noqa: E402
 
 
@@ -23,7 +23,7 @@ def cats_train_folder(source, root):
     source = Path(source)
     if source.suffix == ".npz":
         return write_npz_cats(source, root)
-    return trainer_module.download_afhq(root, "cat", keep_zip=False,
+    return afhq.download_afhq(root, "cat", keep_zip=False,
                                         download=lambda zip_path: shutil.copy(source, zip_path))
 
 

@@ -8,10 +8,10 @@ import zipfile
 
 import pytest
 
+import afhq
 import main
-import trainer
+from afhq import download_afhq
 from afhq_data import part_b_environment, zip_folder  # noqa: F401 (autouse fixture)
-from trainer import download_afhq
 
 
 class Drive:
@@ -227,7 +227,7 @@ def test_main_download_fetches_afhq_by_its_drive_id_and_then_trains(tmp_path, gd
     data = tmp_path / "data" / "train"
     assert main.main(["--download", "--data_path", str(data), "--save_folder",
                       str(tmp_path / "results")]) == 0
-    assert gdown_drive == [dict(id=trainer.AFHQ_DRIVE_ID, output=str(tmp_path / "data" /
+    assert gdown_drive == [dict(id=afhq.AFHQ_DRIVE_ID, output=str(tmp_path / "data" /
                                                                       "afhq_v2.zip"),
                                 quiet=False, resume=True)]
     assert folder_files(data / "cat") == class_files(afhq_zip, "cat")

@@ -62,7 +62,7 @@ def test_each_peer_figure_comes_from_a_fresh_process():
 @pytest.mark.parametrize("default, timed", [(torch.bfloat16, ["fp32", "bf16"]), (None, ["fp32"])])
 def test_lucidrains_bf16_is_timed_only_where_bf16_is_native(monkeypatch, default, timed):
     benchmark = load_benchmark()
-    monkeypatch.setattr(benchmark.trainer_module, "autocast_dtype", lambda device: default)
+    monkeypatch.setattr(benchmark.device_module, "autocast_dtype", lambda device: default)
     assert benchmark.lucidrains_precisions(torch.device("cpu")) == timed
 
 

@@ -659,7 +659,7 @@ class OneDevice(TorchDispatchMode):
 
 
 def move_as_the_trainer_does(diffusion, device):
-    """trainer.move_to_device: ``.to(device)``, and the schedule tensors kept as plain attributes."""
+    """device.move_to_device (Part B): ``.to(device)``, and the schedule tensors kept as plain attributes."""
     diffusion.to(device)
     for name, value in list(vars(diffusion).items()):
         if isinstance(value, torch.Tensor):

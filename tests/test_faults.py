@@ -12,12 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
+import files as files_module
+import images as images_module
 import main
 import trainer as trainer_module
 from afhq_data import part_b_environment  # noqa: F401 (autouse fixture)
 from diffusion import Diffusion
 from test_fid import CountingExtractor
-from trainer import SaveError, Trainer, decode_images, load_image_set
+from files import SaveError
+from images import decode_images, load_image_set
+from trainer import Trainer
 from unet import Unet
 from utils import train_diffusion
 
@@ -90,7 +94,7 @@ def fail_writes(monkeypatch, error_number, names=None):
             return UnwritableFile(file, error_number)
         return file
 
-    monkeypatch.setattr(trainer_module, "open", failing_open, raising=False)
+    monkeypatch.setattr(files_module, "open", failing_open, raising=False)  # atomic_write's
 
 
 def read_only_folder(folder, monkeypatch):
@@ -110,7 +114,7 @@ def read_only_folder(folder, monkeypatch):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
         return builtins.open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "open", refusing_open, raising=False)
+    monkeypatch.setattr(files_module, "open", refusing_open, raising=False)  # atomic_write's
     return folder
 
 
@@ -134,8 +138,8 @@ def image_cache_file(cache):
 
 def count_decodes(monkeypatch):
     calls = []
-    decode = trainer_module.decode_image
-    monkeypatch.setattr(trainer_module, "decode_image",
+    decode = images_module.decode_image
+    monkeypatch.setattr(images_module, "decode_image",
                         lambda path, sizes: calls.append(path) or decode(path, sizes))
     return calls
 
@@ -240,7 +244,7 @@ def test_an_entry_that_is_not_a_readable_file_is_left_out_of_the_listing_by_name
     root, cat = cats
     make(cat / "odd.png")
     with pytest.warns(UserWarning, match=f"Skipping unreadable image {cat / 'odd.png'}: {reason}"):
-        files = trainer_module.list_image_files(root, "cat")
+        files = images_module.list_image_files(root, "cat")
     assert [path.name for path in files] == [f"cat_{index:04d}.png" for index in range(PER_CLASS)]
 
 
@@ -274,7 +278,7 @@ def test_a_class_folder_that_cannot_be_listed_leaves_out_only_its_class(tmp_path
     monkeypatch.setattr(Path, "iterdir", refuse_dog)
     with pytest.warns(UserWarning, match=f"Skipping unreadable folder {root / 'dog'}: "
                                          "Permission denied"):
-        files = trainer_module.list_image_files(root, "all")
+        files = images_module.list_image_files(root, "all")
     assert [path.parent.name for path in files] == ["cat", "cat"]
 
 

@@ -7,9 +7,10 @@ import torch
 from PIL import Image
 from scipy import linalg
 
-import trainer as trainer_module
+import fid_score
+import images
 from afhq_data import make_afhq_folder, part_b_environment  # noqa: F401 (autouse fixture)
-from trainer import fid_worker_count, frechet_distance, psd_sqrt
+from fid_score import fid_worker_count, frechet_distance, psd_sqrt
 from utils import setup_diffusion
 
 NUM_FID_SAMPLES = 24
@@ -90,7 +91,7 @@ def test_stale_sample_files_are_not_counted(afhq, tmp_path):
 
 def test_fid_of_a_given_image_set_compares_with_that_set_not_the_folder(afhq, tmp_path):
     samples = generated_images()
-    given = trainer_module.ImageSet(train=torch.zeros(len(samples), 3, 17, 17, dtype=torch.uint8),
+    given = images.ImageSet(train=torch.zeros(len(samples), 3, 17, 17, dtype=torch.uint8),
                                     reference=samples, key="given")
     scorer = fid_trainer(afhq, tmp_path, CountingExtractor(), image_set=given).fid_scorer
     assert scorer.score(samples) == pytest.approx(0, abs=1e-6)
@@ -112,14 +113,14 @@ def test_clean_fid_gets_the_trainer_device_and_no_data_parallel(afhq, tmp_path, 
         built.append((mode, device, use_dataparallel))
         return CountingExtractor()
 
-    get_folder_features = trainer_module.clean_fid.get_folder_features
+    get_folder_features = fid_score.clean_fid.get_folder_features
 
     def recording_features(folder, model, **options):
         folder_calls.append(options)
         return get_folder_features(folder, model, **options)
 
-    monkeypatch.setattr(trainer_module, "build_feature_extractor", build)
-    monkeypatch.setattr(trainer_module.clean_fid, "get_folder_features", recording_features)
+    monkeypatch.setattr(fid_score, "build_feature_extractor", build)
+    monkeypatch.setattr(fid_score.clean_fid, "get_folder_features", recording_features)
     fid_trainer(afhq, tmp_path, None).fid_scorer.score(generated_images())
     assert built == [("clean", torch.device("cpu"), False)]
     assert all(call["device"] == torch.device("cpu") and call["mode"] == "clean"
@@ -127,10 +128,10 @@ def test_clean_fid_gets_the_trainer_device_and_no_data_parallel(afhq, tmp_path, 
 
 
 def test_fid_workers_are_capped_by_the_cpus_and_off_without_fork(monkeypatch):
-    monkeypatch.setattr(trainer_module.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(trainer_module.multiprocessing, "get_start_method", lambda: "fork")
+    monkeypatch.setattr(fid_score.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(fid_score.multiprocessing, "get_start_method", lambda: "fork")
     assert fid_worker_count(16) == 2
-    monkeypatch.setattr(trainer_module.multiprocessing, "get_start_method", lambda: "spawn")
+    monkeypatch.setattr(fid_score.multiprocessing, "get_start_method", lambda: "spawn")
     assert fid_worker_count(16) == 0
 
 

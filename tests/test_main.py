@@ -12,8 +12,9 @@ from urllib.error import URLError
 import pytest
 import torch
 
+import fid_score
+import images
 import main
-import trainer
 import utils
 from afhq_data import make_afhq_folder, part_b_environment  # noqa: F401 (autouse fixture)
 
@@ -78,6 +79,39 @@ def test_train_then_visualize_with_the_default_checkpoint(afhq, tmp_path):
     assert forward.is_file() and backward.is_file()
 
 
+def test_resume_goes_on_from_the_checkpoint_in_the_save_folder(afhq, tmp_path, capsys):
+    utils.train_diffusion(2, 2, False, tmp_path, afhq, **TINY)
+    trainer = utils.train_diffusion(4, 2, False, tmp_path, afhq, resume=True, **TINY)
+    assert "Resuming from step 2 of 4" in capsys.readouterr().out
+    assert [row["step"] for row in trainer.history] == [1, 2, 3, 4]
+
+
+def test_resume_leaves_a_finished_run_untouched(afhq, tmp_path, capsys):
+    utils.train_diffusion(2, 2, False, tmp_path, afhq, **TINY)
+    checkpoint = tmp_path / "model.pt"
+    before = checkpoint.read_bytes(), checkpoint.stat().st_mtime_ns
+    trainer = utils.train_diffusion(2, 2, False, tmp_path, afhq, resume=True, **TINY)
+    assert trainer.step == 2 and "Nothing to train" in capsys.readouterr().out
+    assert (checkpoint.read_bytes(), checkpoint.stat().st_mtime_ns) == before
+
+
+def test_resume_keeps_a_checkpoint_of_other_settings_aside_and_trains_afresh(afhq, tmp_path,
+                                                                            capsys):
+    utils.train_diffusion(2, 2, False, tmp_path, afhq, **TINY)
+    other = (tmp_path / "model.pt").read_bytes()
+    trainer = utils.train_diffusion(2, 2, False, tmp_path, afhq, resume=True,
+                                    **{**TINY, "unet_dim": 16})
+    assert (tmp_path / "model.set_aside_1.pt").read_bytes() == other
+    assert "unet_dim: checkpoint 8, model 16" in capsys.readouterr().out
+    assert [row["step"] for row in trainer.history] == [1, 2]
+
+
+def test_without_resume_a_run_starts_from_step_0(afhq, tmp_path):
+    utils.train_diffusion(2, 2, False, tmp_path, afhq, **TINY)
+    trainer = utils.train_diffusion(2, 2, False, tmp_path, afhq, **TINY)
+    assert [row["step"] for row in trainer.history] == [1, 2]
+
+
 def test_visualize_without_a_checkpoint_says_to_train_first(afhq, tmp_path):
     with pytest.raises(FileNotFoundError, match="model.pt: train first"):
         utils.visualize_diffusion(2, 2, False, tmp_path, afhq, **TINY)
@@ -97,25 +131,25 @@ def record_demo_calls(monkeypatch):
 
 def test_demo_writes_synthetic_cats_and_trains_briefly(tmp_path, monkeypatch):
     calls = record_demo_calls(monkeypatch)
-    main.run_demo(tmp_path)
+    main.run_demo(main.parse_flags(["--demo", "--save_folder", str(tmp_path)]))
     cats = list((tmp_path / "demo_data" / "train" / "cat").glob("*.png"))
     assert len(cats) == 300
     (_, trained), (_, visualized) = calls
     assert {flag: trained[flag] for flag in main.DEMO_STEPS} == main.DEMO_STEPS
-    assert visualized["save_folder"] == tmp_path and visualized["load_path"] is None
+    assert visualized["save_folder"] == str(tmp_path) and visualized["load_path"] is None
 
 
 def test_writing_the_synthetic_images_again_keeps_the_files_and_so_the_decoded_cache(tmp_path):
     first = main.write_synthetic_afhq(tmp_path, classes=("cat",), per_class=3, size=8)
-    files = trainer.list_image_files(first, "cat")
-    key = trainer.image_set_key(files, 8)
+    files = images.list_image_files(first, "cat")
+    key = images.image_set_key(files, 8)
     times = [path.stat().st_mtime_ns for path in files]
     os.utime(files[0], ns=(1, 1))  # a file left by an older run: the same bytes, older time
     main.write_synthetic_afhq(tmp_path, classes=("cat",), per_class=3, size=8)
     assert [path.stat().st_mtime_ns for path in files[1:]] == times[1:]
     assert files[0].stat().st_mtime_ns == 1
     main.write_synthetic_afhq(tmp_path, classes=("cat",), per_class=3, size=8, seed=1)
-    assert trainer.image_set_key(files, 8) != key  # other images are written over the old
+    assert images.image_set_key(files, 8) != key  # other images are written over the old
 
 
 def test_synthetic_writer_rejects_unknown_layouts(tmp_path):
@@ -146,19 +180,26 @@ def test_flag_defaults_are_the_starters():
         train_steps=10000, save_and_sample_every=1000, fid=False, save_folder="./results",
         data_path="./data/train/", load_path=None, unet_dim_mults=[1, 2, 4, 8], image_size=32,
         batch_size=32, data_class="cat", time_steps=50, unet_dim=16, learning_rate=1e-3,
-        dataloader_workers=16, precision="auto", checkpoint_minutes=5, cuda_graph=True,
-        download=False, delete_zip=False, visualize=False, demo=False)
+        dataloader_workers=16, precision="auto", checkpoint_minutes=5, resume=False,
+        cuda_graph=True, download=False, delete_zip=False, visualize=False, demo=False)
 
 
 def test_main_passes_settings_to_train_diffusion_by_keyword(tmp_path, monkeypatch):
     received = []
     monkeypatch.setattr(main, "train_diffusion", lambda **settings: received.append(settings))
-    monkeypatch.setattr(main, "build_feature_extractor", lambda *args, **kwargs: None)
+    monkeypatch.setattr(main, "inception_network", lambda device: None)
     assert main.main(["--fid", "--unet_dim_mults", "1", "2", "--data_class", "all",
                       "--save_folder", str(tmp_path)]) == 0
     assert received[0]["fid"] is True and received[0]["unet_dim_mults"] == [1, 2]
     assert received[0]["data_class"] == "all" and received[0]["load_path"] is None
     assert received[0]["precision"] == "auto" and received[0]["cuda_graph"] is True
+
+
+def test_resume_flag_reaches_train_diffusion(tmp_path, monkeypatch):
+    received = []
+    monkeypatch.setattr(main, "train_diffusion", lambda **settings: received.append(settings))
+    assert main.main(["--resume", "--save_folder", str(tmp_path)]) == 0
+    assert received[0]["resume"] is True
 
 
 def test_no_cuda_graph_reaches_the_trainer(tmp_path, monkeypatch):
@@ -175,10 +216,10 @@ def test_the_fid_network_built_by_the_fid_check_is_the_one_training_uses(tmp_pat
     network.__module__ = "cleanfid.features"  # as clean-fid's build_feature_extractor makes it
     received = []
     monkeypatch.setattr(main, "train_diffusion", lambda **settings: received.append(settings))
-    monkeypatch.setattr(main, "build_feature_extractor", lambda *args, **kwargs: network)
+    monkeypatch.setattr(fid_score, "build_feature_extractor", lambda *args, **kwargs: network)
     assert main.main(["--fid", "--save_folder", str(tmp_path)]) == 0
     assert received[0]["fid_feature_extractor"] is network
-    assert trainer.extractor_name(network) == trainer.extractor_name(None) == "inception"
+    assert fid_score.extractor_name(network) == fid_score.extractor_name(None) == "inception"
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp32", None), ("bf16", torch.bfloat16)])
@@ -275,22 +316,33 @@ def run_main_expecting_an_error(arguments, capsys):
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["--train_steps", "-5"], "--train_steps must be at least 1, got -5"),
-    (["--save_and_sample_every", "0"], "--save_and_sample_every must be at least 1"),
-    (["--batch_size", "0"], "--batch_size must be at least 1"),
-    (["--time_steps", "0"], "--time_steps must be at least 1"),
-    (["--learning_rate", "0"], "--learning_rate must be positive"),
-    (["--checkpoint_minutes", "0"], "--checkpoint_minutes must be positive"),
-    (["--dataloader_workers", "-1"], "--dataloader_workers must be 0 or more"),
+    (["--train_steps", "-5"], "argument --train_steps: must be at least 1, got -5"),
+    (["--save_and_sample_every", "0"], "argument --save_and_sample_every: must be at least 1"),
+    (["--batch_size", "0"], "argument --batch_size: must be at least 1"),
+    (["--time_steps", "0"], "argument --time_steps: must be at least 1"),
+    (["--learning_rate", "0"], "argument --learning_rate: must be positive"),
+    (["--checkpoint_minutes", "0"], "argument --checkpoint_minutes: must be positive"),
+    (["--dataloader_workers", "-1"], "argument --dataloader_workers: must be 0 or more"),
+    (["--unet_dim_mults", "1", "0"], "argument --unet_dim_mults: must be at least 1, got 0"),
+])
+def test_numbers_out_of_range_are_refused_by_argparse_naming_the_flag(capsys, arguments,
+                                                                      message):
+    with pytest.raises(SystemExit) as exit_:
+        main.main(arguments)
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize("arguments, message", [
     (["--unet_dim", "12"], "--unet_dim must be a multiple of 8"),
-    (["--unet_dim_mults", "1", "0"], "--unet_dim_mults must all be at least 1"),
     (["--image_size", "30"], "--image_size 30 cannot be halved 3 times, as --unet_dim_mults 1 2 4 8"),
     (["--precision", "fp16"], "--precision: precision='fp16' needs a CUDA GPU"),
 ])
-def test_bad_numbers_are_refused_by_flag_before_any_work(afhq, tmp_path, capsys, monkeypatch,
-                                                         arguments, message):
+def test_bad_settings_are_refused_by_flag_before_any_work(afhq, tmp_path, capsys, monkeypatch,
+                                                          arguments, message):
     decodes = []
-    monkeypatch.setattr(trainer, "decode_image", lambda *args: decodes.append(args))
+    monkeypatch.setattr(images, "decode_image", lambda *args: decodes.append(args))
     results = tmp_path / "results"
     error = run_main_expecting_an_error(
         [*arguments, "--data_path", str(afhq), "--save_folder", str(results)], capsys)
@@ -336,12 +388,12 @@ def test_fid_without_internet_is_refused_before_any_work(afhq, tmp_path, capsys,
         raise URLError("[Errno -3] Temporary failure in name resolution")
 
     decodes = []
-    monkeypatch.setattr(main, "build_feature_extractor", offline)
-    monkeypatch.setattr(trainer, "decode_image", lambda *args: decodes.append(args))
+    monkeypatch.setattr(fid_score, "build_feature_extractor", offline)
+    monkeypatch.setattr(images, "decode_image", lambda *args: decodes.append(args))
     error = run_main_expecting_an_error(["--fid", "--data_path", str(afhq), "--save_folder",
                                          str(tmp_path)], capsys)
-    assert "--fid needs clean-fid's Inception network" in error
-    assert "run without --fid" in error and decodes == []
+    assert "--fid: FID needs clean-fid's Inception network" in error
+    assert "turn FID off" in error and decodes == []
 
 
 def run_in_a_terminal(arguments, environment, timeout=300):

@@ -48,12 +48,12 @@ USE_WANDB = False
 
 # offline stand-in for clean-fid's Inception network (see the module docstring)
 import torch.nn.functional as F
-import trainer
+import fid_score
 
 def colour_pool_features(images):
     return F.adaptive_avg_pool2d(images, 2).flatten(1)
 
-trainer.build_feature_extractor = lambda *args, **kwargs: colour_pool_features
+fid_score.build_feature_extractor = lambda *args, **kwargs: colour_pool_features
 """
 
 
@@ -146,7 +146,7 @@ def kernel_cache_folder(jupyter_env, tmp_path_factory):
     """The trainer's default cache folder, as seen in a kernel that a module-scoped fixture starts
     (as the notebook runs do): these fixtures run before any test's own settings."""
     folder = copy_part("A3_PartB", tmp_path_factory.mktemp("kernel_cache"))
-    return Path(printed_in_a_kernel("import trainer\nprint(trainer.default_cache_folder())",
+    return Path(printed_in_a_kernel("import files\nprint(files.default_cache_folder())",
                                     folder).strip())
 
 
@@ -270,3 +270,15 @@ def test_part_b_notebook_shows_the_figures_inline(part_b_run):
               for output in cell.outputs if "image/png" in output.get("data", {})]
     # Part 1: loss and samples; Part 2: FID; Parts 3-4: two; Part 5: samples and loss; Part 6: two
     assert len(images) == 9
+
+
+def test_part_b_notebook_run_again_resumes_and_leaves_finished_parts_untouched(part_b_run):
+    """Run all after Run all (a reconnected Colab session): every part is finished, so none is
+    trained again; each checkpoint keeps its bytes and its modification time."""
+    folder, _ = part_b_run
+    checkpoints = sorted((folder / "results").glob("part*/model.pt"))
+    before = [(path.read_bytes(), path.stat().st_mtime_ns) for path in checkpoints]
+    notebook = execute_notebook(folder / "run_diffusion.ipynb", PART_B_SETTINGS)
+    assert error_outputs(notebook) == []
+    assert len(checkpoints) == 3
+    assert [(path.read_bytes(), path.stat().st_mtime_ns) for path in checkpoints] == before

@@ -18,10 +18,12 @@ import pytest
 import torch
 
 from afhq_data import make_afhq_folder, part_b_environment  # noqa: F401 (autouse fixture)
+from make_submission import PART_FILES
 
 TESTS = Path(__file__).resolve().parent
 PART_B = TESTS.parent / "A3_PartB"
-PROVIDED_FILES = ("main.py", "trainer.py", "unet.py", "utils.py")
+PROVIDED_FILES = [name for name in PART_FILES["B"] if name.endswith(".py") and name != "diffusion.py"]
+# (what make_submission.py packs: the starter's provided files and the modules they import)
 STUDENT_DIFFUSION = TESTS / "skeleton_style_diffusion" / "diffusion.py"
 TINY = dict(unet_dim=8, unet_dim_mults=[1, 2], image_size=16, batch_size=4, time_steps=5,
             dataloader_workers=0)
@@ -96,12 +98,12 @@ def test_student_diffusion_trains_and_scores_fid_through_utils(student_part_b, a
     """utils.train_diffusion, as the notebook calls it, with clean-fid's Inception replaced by
     a small feature extractor (its weights cannot be downloaded here)."""
     script = f"""
-import torch, trainer, utils
+import torch, fid_score, utils
 
 def colour_statistics(images):
     return torch.cat([images.mean((2, 3)), images.std((2, 3))], dim=1) / 255
 
-trainer.build_feature_extractor = lambda *args, **kwargs: colour_statistics
+fid_score.build_feature_extractor = lambda *args, **kwargs: colour_statistics
 utils.train_diffusion(train_steps=2, save_and_sample_every=1, fid=True,
                       save_folder={str(tmp_path)!r}, data_path={str(afhq)!r}, **{TINY!r})
 """

@@ -13,13 +13,12 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from make_submission import PART_FILES
+
 SCRIPT = Path(__file__).resolve().parents[1] / "make_submission.py"
 
-PART_A_FILES = {"A3_PartA/vae.py", "A3_PartA/a3_helper.py",
-                "A3_PartA/variational_autoencoders.ipynb"}
-PART_B_FILES = {f"A3_PartB/{name}" for name in (
-    "diffusion.py", "main.py", "trainer.py", "unet.py", "utils.py",
-    "run_diffusion.ipynb", "requirements.txt")}
+PART_A_FILES = {f"A3_PartA/{name}" for name in PART_FILES["A"]}
+PART_B_FILES = {f"A3_PartB/{name}" for name in PART_FILES["B"]}
 DECOYS = (
     "A3_PartA/MNIST_data/MNIST/raw/train-images-idx3-ubyte",
     "A3_PartA/wandb/run-1/files/config.py",

@@ -9,12 +9,17 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import device as device_module
+import images as images_module
+import reporting
 import trainer as trainer_module
 from afhq_data import make_afhq_folder, part_b_environment  # noqa: F401 (autouse fixture)
 from diffusion import Diffusion
 from main import write_synthetic_afhq
-from trainer import (DeviceBatches, CudaGraphed, Trainer, WandbLogger, adam, autocast_dtype,
-                     find_class_root, load_image_set)
+from device import adam, autocast_dtype, CudaGraphed
+from images import DeviceBatches, find_class_root, load_image_set
+from reporting import WandbLogger
+from trainer import Trainer
 from unet import Unet
 
 PER_CLASS = 6
@@ -134,13 +139,13 @@ def test_v1_layout_with_jpg_files_loads(tmp_path):
 
 def count_decodes(monkeypatch):
     calls = []
-    decode = trainer_module.decode_image
+    decode = images_module.decode_image
 
     def counting_decode(path, sizes):
         calls.append(path)
         return decode(path, sizes)
 
-    monkeypatch.setattr(trainer_module, "decode_image", counting_decode)
+    monkeypatch.setattr(images_module, "decode_image", counting_decode)
     return calls
 
 
@@ -267,13 +272,14 @@ def test_metrics_csv_and_loss_plot_are_written(afhq, tmp_path):
 def test_files_are_written_only_at_milestones(afhq, tmp_path, monkeypatch):
     trainer = make_trainer(afhq, tmp_path, train_num_steps=6, save_and_sample_every=3, log_every=1)
     write_steps = []
-    atomic_write = trainer_module.atomic_write
+    atomic_write = trainer_module.atomic_write  # files.atomic_write, as each module imports it
 
     def recorded_write(path, write):
         write_steps.append(trainer.step)
         atomic_write(path, write)
 
-    monkeypatch.setattr(trainer_module, "atomic_write", recorded_write)
+    for module in (trainer_module, reporting):  # the checkpoint and grid; metrics and plots
+        monkeypatch.setattr(module, "atomic_write", recorded_write)
     trainer.train()
     assert write_steps and set(write_steps) == {3, 6}
 
@@ -394,7 +400,7 @@ def test_plain_tensor_attributes_of_a_diffusion_follow_it_to_the_device():
             self.weight = torch.nn.Parameter(torch.zeros(2))
             self.alphas = torch.ones(5)  # a plain attribute, as a student may keep it
 
-    moved = trainer_module.move_to_device(PlainSchedule(), torch.device("meta"))
+    moved = device_module.move_to_device(PlainSchedule(), torch.device("meta"))
     assert moved.alphas.device.type == "meta" and moved.weight.device.type == "meta"
 
 
@@ -625,13 +631,13 @@ def test_fused_adam_on_a_cpu_takes_the_plain_adams_steps():
 @pytest.mark.parametrize("native_bf16, dtype", [(True, torch.bfloat16), (False, None)])
 def test_mixed_precision_logic_with_a_faked_cpu_flag_is_bf16_only_where_the_cpu_has_it(
         monkeypatch, native_bf16, dtype):
-    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: native_bf16)
     assert autocast_dtype(torch.device("cpu")) is dtype
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp32", None), ("bf16", torch.bfloat16)])
 def test_precision_can_be_forced_either_way(monkeypatch, precision, dtype):
-    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: dtype is None)
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: dtype is None)
     assert autocast_dtype(torch.device("cpu"), precision) is dtype
 
 
@@ -803,15 +809,15 @@ def test_cpu_samples_are_drawn_in_batches_of_the_cpu_sampling_batch(afhq, tmp_pa
 def test_bf16_is_not_native_where_pytorch_is_capped_below_avx512(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert trainer_module.cpu_has_native_bf16()
+    assert device_module.cpu_has_native_bf16()
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert not trainer_module.cpu_has_native_bf16()
+    assert not device_module.cpu_has_native_bf16()
 
 
 FREED_TENSOR_KEPT = """
 import ctypes, sys, torch
 sys.path.insert(0, {part_b!r})
-import trainer
+import device
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
@@ -827,7 +833,7 @@ def free_heap_bytes_after_freeing_a_large_tensor():
     return libc.mallinfo2().fordblks
 
 before = free_heap_bytes_after_freeing_a_large_tensor()
-trainer.keep_freed_memory_for_reuse()
+device.keep_freed_memory_for_reuse()
 print(before, free_heap_bytes_after_freeing_a_large_tensor())
 """
 

@@ -1,0 +1,134 @@
+"""FID (clean-fid, mode "clean") of generated images against the training images of the class,
+with the reference statistics computed once and cached (the starter recomputed them at every
+evaluation: why its Part 2 took up to an hour)."""
+import multiprocessing
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from cleanfid import fid as clean_fid
+from cleanfid.features import build_feature_extractor
+from PIL import Image
+
+from files import read_cache, reported_write_errors, write_cache
+
+
+def inception_network(device):
+    """clean-fid's Inception network on ``device``, downloaded by clean-fid on first use; a
+    failed download raises ValueError saying what to do."""
+    try:
+        return build_feature_extractor("clean", device, use_dataparallel=False)
+    except Exception as error:  # noqa: BLE001 - a download fails in many ways
+        raise ValueError(f"FID needs clean-fid's Inception network, which is downloaded from "
+                         f"the internet once ({type(error).__name__}: {error}). Connect once, or "
+                         "turn FID off.") from None
+
+
+class FidScorer:
+    """FID (clean-fid, mode "clean") of generated images against the training images of the class.
+
+    The reference statistics (mean and covariance of the features of ``reference_images``) are
+    computed once and stored in ``cache_file`` (npz), which later evaluations and trainers reuse.
+    Each evaluation writes its samples into an emptied ``samples_folder``, so nothing stale counts.
+    Features come from clean-fid (its resize to 299x299 and its extractor), the distance from
+    ``frechet_distance`` below.
+    ``feature_extractor`` maps float images (B, 3, 299, 299) in [0, 255] to features (B, D); None
+    builds clean-fid's Inception (downloaded by clean-fid on first use).
+    """
+
+    def __init__(self, reference_images, cache_file, samples_folder, device, workers,
+                 feature_extractor=None):
+        self.reference_images = reference_images
+        self.cache_file = Path(cache_file)
+        self.samples_folder = Path(samples_folder)
+        self.device = device
+        self.workers = workers
+        self.feature_extractor = feature_extractor
+        self.reference = None
+
+    def _statistics(self, images, folder):
+        """Mean and covariance of the features of uint8 images, saved as PNGs in ``folder``."""
+        shutil.rmtree(folder, ignore_errors=True)
+        with reported_write_errors(folder):
+            folder.mkdir(parents=True)
+            for index, image in enumerate(images):
+                Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{index:05d}.png")
+        if self.feature_extractor is None:  # built at the first use, as it may be downloaded
+            self.feature_extractor = inception_network(self.device)
+        features = clean_fid.get_folder_features(
+            str(folder), self.feature_extractor, num_workers=self.workers, device=self.device,
+            mode="clean", verbose=False)
+        return features.mean(axis=0), np.cov(features, rowvar=False)
+
+    def reference_statistics(self):
+        """(mu, sigma, sqrt of sigma) of the reference images: from memory, else from the cache
+        file, else computed and cached (a damaged cache file is computed afresh)."""
+        if self.reference is None:
+            statistics = read_cache(self.cache_file, read_fid_statistics)
+            if statistics is None:  # PNGs in a temporary folder: the cache may not be writable
+                with tempfile.TemporaryDirectory() as folder:
+                    statistics = self._statistics(self.reference_images, Path(folder) / "images")
+                write_cache(self.cache_file, lambda file: np.savez(
+                    file, mu=statistics[0], sigma=statistics[1]))
+            mu, sigma = statistics
+            self.reference = mu, sigma, psd_sqrt(sigma)
+        return self.reference
+
+    def score(self, images):
+        """FID of uint8 images (N, 3, S, S) against the reference statistics."""
+        reference = self.reference_statistics()
+        mu, sigma = self._statistics(images.cpu(), self.samples_folder)
+        return frechet_distance(mu, sigma, *reference)
+
+
+def read_fid_statistics(cache_file):
+    """(mu, sigma) saved by ``FidScorer``: a mean (D,) and a covariance (D, D) of finite floats;
+    ValueError if the file holds anything else."""
+    with np.load(cache_file) as cached:
+        if sorted(cached.files) != ["mu", "sigma"]:
+            raise ValueError("it does not hold the arrays 'mu' and 'sigma'")
+        mu, sigma = cached["mu"], cached["sigma"]
+    if (mu.ndim != 1 or sigma.shape != (len(mu), len(mu))
+            or not all(np.issubdtype(array.dtype, np.floating) for array in (mu, sigma))
+            or not (np.isfinite(mu).all() and np.isfinite(sigma).all())):
+        raise ValueError("its 'mu' and 'sigma' are not a mean (D,) and a covariance (D, D) "
+                         "of finite floats")
+    return mu, sigma
+
+
+def psd_sqrt(matrix):
+    """The symmetric square root of a covariance matrix (round-off negative eigenvalues -> 0)."""
+    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
+    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+
+
+def frechet_distance(mu_1, sigma_1, mu_2, sigma_2, sigma_2_sqrt):
+    """FID = |mu_1 - mu_2|^2 + tr(sigma_1) + tr(sigma_2) - 2 tr((sigma_1 sigma_2)^(1/2)).
+
+    With R = sigma_2^(1/2), tr((sigma_1 sigma_2)^(1/2)) is the sum of the square roots of the
+    eigenvalues of the symmetric R sigma_1 R: exact, several times faster than the scipy sqrtm of
+    clean-fid's frechet_distance, which passes an argument SciPy 1.18 removed.
+    """
+    eigenvalues = np.linalg.eigvalsh(sigma_2_sqrt @ sigma_1 @ sigma_2_sqrt)
+    trace_of_sqrt = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
+    return float(((mu_1 - mu_2) ** 2).sum() + np.trace(sigma_1) + np.trace(sigma_2)
+                 - 2 * trace_of_sqrt)
+
+
+def fid_worker_count(requested):
+    """clean-fid's DataLoader workers: none unless processes fork (its resize closure does not
+    pickle under spawn, the default on Windows and macOS), and never more than the CPUs."""
+    if multiprocessing.get_start_method() != "fork":
+        return 0
+    return max(0, min(requested, os.cpu_count() or 1))
+
+
+def extractor_name(feature_extractor):
+    """The part of the FID cache name that tells feature extractors apart: "inception" for
+    clean-fid's own, whether built here or passed in (main.py builds it to check --fid)."""
+    if (feature_extractor is None
+            or getattr(feature_extractor, "__module__", "") == "cleanfid.features"):
+        return "inception"
+    return getattr(feature_extractor, "__name__", type(feature_extractor).__name__)
