@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from files import reported_write_errors
+
 
 def model_settings(diffusion_model):
     """The settings a checkpoint must share with the model it is loaded into."""
@@ -76,8 +78,10 @@ def resumable_checkpoint(path, current):
         check_settings(read_checkpoint(path, "cpu").get("settings"), current, path)
         return path
     except ValueError as error:
-        aside = next(candidate for number in itertools.count(1)
-                     if not (candidate := path.with_name(f"{path.stem}.set_aside_{number}.pt")).exists())
-        os.replace(path, aside)
+        names = (path.with_name(f"{path.stem}.set_aside_{number}.pt")
+                 for number in itertools.count(1))
+        aside = next(name for name in names if not name.exists())
+        with reported_write_errors(aside):  # a folder that cannot be written: SaveError, said
+            os.replace(path, aside)
         print(f"{error} It is kept as {aside}, and this run trains afresh.")
         return None

@@ -29,7 +29,7 @@ from reporting import (plot_metrics, plot_process, show_in_notebook, WandbLogger
 from settings import SETTINGS
 
 VISUALIZED_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.99)
-CPU_SAMPLING_BATCH = 64  # on a CPU, batches of 64 sample the most images/s (32: 197, 64: 250, 512: 141)
+CPU_SAMPLING_BATCH = 64  # on a CPU, the most images/s (32: 197, 64: 250, 512: 141)
 
 
 class Trainer:
@@ -87,7 +87,8 @@ class Trainer:
         self.data_class = data_class
         self.fid = fid
         self.train_folder = folder
-        self.cache_folder = Path(cache_folder) if cache_folder is not None else default_cache_folder()
+        self.cache_folder = (Path(cache_folder) if cache_folder is not None
+                             else default_cache_folder())
         self.log_every = log_every
         self.num_samples = num_samples
         self.num_fid_samples = num_fid_samples

@@ -11,7 +11,7 @@ measures, in one run (``--sections`` picks some), after the machine: the CPU's c
 (AVX2, AVX512, ...), whether it runs bf16 natively, the rate of a 2048^3 matmul in fp32 (and
 bf16 where native), the limit each training figure is given as a share of, and the GFLOP of a
 training step (torch's FLOP counter):
-  * pipeline: the cached on-device tensor of trainer.py against decoding the image files every
+  * pipeline: the cached on-device tensor of images.py against decoding the image files every
     step as the original starter did (torchvision transforms in a DataLoader);
   * training: a plain fp32 step (loss, backward, Adam) and the steady-state steps/s of the
     Trainer at the handout's settings (batch 32, accumulation 2, T=50, dim 16, 32x32) with its
@@ -139,9 +139,9 @@ def starter_pipeline_images_per_s(data_path, batches, device):
 
 
 def cached_pipeline_images_per_s(image_set, batches, device):
-    """trainer.py's way: random crops and flips of the decoded uint8 tensor on the device."""
+    """images.py's way: random crops and flips of the decoded uint8 tensor on the device."""
     source = images_module.DeviceBatches(image_set.train, SETTINGS.image_size,
-                                          SETTINGS.batch_size, True, device)
+                                         SETTINGS.batch_size, True, device)
     source.next_batch()
     seconds, _ = timed(lambda: [source.next_batch() for _ in range(batches)], device)
     return batches * SETTINGS.batch_size / seconds

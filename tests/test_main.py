@@ -106,6 +106,22 @@ def test_resume_keeps_a_checkpoint_of_other_settings_aside_and_trains_afresh(afh
     assert [row["step"] for row in trainer.history] == [1, 2]
 
 
+def test_a_checkpoint_that_cannot_be_set_aside_stops_with_a_save_error_and_stays(afhq, tmp_path,
+                                                                                 monkeypatch):
+    import checkpoints
+    from files import SaveError
+    utils.train_diffusion(2, 2, False, tmp_path, afhq, **TINY)
+    before = (tmp_path / "model.pt").read_bytes()
+
+    def refused(source, target):
+        raise PermissionError(13, "Permission denied", str(target))
+
+    monkeypatch.setattr(checkpoints.os, "replace", refused)
+    with pytest.raises(SaveError, match="model.set_aside_1.pt: Permission denied"):
+        utils.train_diffusion(2, 2, False, tmp_path, afhq, resume=True, **{**TINY, "unet_dim": 16})
+    assert (tmp_path / "model.pt").read_bytes() == before
+
+
 def test_without_resume_a_run_starts_from_step_0(afhq, tmp_path):
     utils.train_diffusion(2, 2, False, tmp_path, afhq, **TINY)
     trainer = utils.train_diffusion(2, 2, False, tmp_path, afhq, **TINY)
