@@ -241,8 +241,12 @@ def share_of_limit(figures, steps_per_s, precision):
 def time_precision_options(image_set, results, device, args, figures):
     """Steps/s of each option set, from the difference of a ``WARMUP_STEPS`` run and one of
     ``timed_steps`` more (setup, the warm-up with cuDNN's choices and the CUDA graph's capture,
-    and the final grid cancel out), with the mean loss of the timed steps."""
+    and the final grid cancel out), with the mean loss of the timed steps. On a GPU a first
+    untimed run pays the process's one-time costs (cuDNN's and cuBLAS's first use of each
+    kernel), which would otherwise fall on the short run alone."""
     for name, options in precision_options(device).items():
+        if device.type == "cuda":
+            trained(image_set, results / "speed", device, WARMUP_STEPS, **options)
         short, _ = trained(image_set, results / "speed", device, WARMUP_STEPS, **options)
         long, trainer = trained(image_set, results / "speed", device,
                                 WARMUP_STEPS + args.timed_steps, **options)
