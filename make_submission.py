@@ -11,7 +11,8 @@ never slip in; everything else at the top of a part's folder is listed on stderr
 as left out. A notebook that was never run, or that holds an error output, is
 packed anyway but reported on stderr, because the graders read the outputs.
 
-Before packing, vae.py and diffusion.py are run against their contracts (tests/), each in a
+Before packing, vae.py and diffusion.py are run against their contracts (vae_contract.py,
+diffusion_contract.py, the repository's own copies), each in a
 child process of its own (submission_checks.py), and one line per file gives the verdict and
 its first cause; the zip is written whatever they say. --no-check skips it.
 """
@@ -28,10 +29,12 @@ from submission_checks import PARTS, check_file
 REPO_ROOT = Path(__file__).resolve().parent
 PART_FOLDERS = {"A": "A3_PartA", "B": "A3_PartB"}
 PART_FILES = {  # the starter's files, and the modules of this package that they import
-    "A": ("vae.py", "a3_helper.py", "variational_autoencoders.ipynb"),
+    "A": ("vae.py", "a3_helper.py", "variational_autoencoders.ipynb",
+          "vae_contract.py", "contract_check.py"),  # the notebook's check before training
     "B": ("diffusion.py", "main.py", "trainer.py", "unet.py", "utils.py",
           "afhq.py", "checkpoints.py", "device.py", "fid_score.py", "files.py", "images.py",
-          "reporting.py", "settings.py", "run_diffusion.ipynb", "requirements.txt"),
+          "reporting.py", "settings.py", "run_diffusion.ipynb", "requirements.txt",
+          "diffusion_contract.py", "diffusion_reference.py", "simulated_devices.py", "contract_check.py"),
 }
 
 

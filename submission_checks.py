@@ -1,4 +1,4 @@
-"""Run a contract (tests/test_vae_contract.py, tests/test_diffusion_contract.py) on a student's
+"""Run a contract (A3_PartA/vae_contract.py, A3_PartB/diffusion_contract.py) on a student's
 file, in a box of its own, and give one verdict. Shared by make_submission.py and
 grade_submissions.py.
 
@@ -17,6 +17,7 @@ folder and a cap on its processes: ``protections()`` says which hold here.
     python submission_checks.py --enter-box CONFIG   (the box's first step, started by run_box)
 """
 
+import functools
 import json
 import os
 import shutil
@@ -27,20 +28,32 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from importlib.util import find_spec
+from importlib.util import find_spec, module_from_spec, spec_from_file_location
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent
 VERDICTS = ("pass", "portability", "fail", "error", "timeout", "memory", "missing")
 PARTS = {  # part -> (file checked, its contract, the variable naming the file, files the contract reads)
-    "A": ("vae.py", "tests/test_vae_contract.py", "A3_VAE", ("A3_PartA/a3_helper.py",)),
-    "B": ("diffusion.py", "tests/test_diffusion_contract.py", "A3_DIFFUSION", ()),
+    "A": ("vae.py", "A3_PartA/vae_contract.py", "A3_VAE", ("A3_PartA/a3_helper.py", "A3_PartA/contract_check.py")),
+    "B": ("diffusion.py", "A3_PartB/diffusion_contract.py", "A3_DIFFUSION",
+          ("A3_PartB/diffusion_reference.py", "A3_PartB/simulated_devices.py", "A3_PartB/contract_check.py")),
 }
+CONTRACT_CHECK = REPO_ROOT / "A3_PartA" / "contract_check.py"  # A3_PartB holds the same file
 MEMORY_SIGNS = ("MemoryError", "not enough memory", "Cannot allocate memory", "bad_alloc", "out of memory")
 FILE_SIZE_SIGNS = ("File too large",)
 PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
 SIBLING_BYTES = 5 * 2 ** 20  # a .py file beside the checked one, copied with it unless larger
 MiB = 2 ** 20
+
+
+@functools.cache
+def contract_check():
+    """contract_check.py, whose reading of a finished run's records this judge shares with the
+    notebooks' check; loaded in the grader's process only (a box holds one part's copy)."""
+    spec = spec_from_file_location("contract_check", CONTRACT_CHECK)
+    module = module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,22 @@ class Result:
     first_failure: str = ""  # the cause of the verdict, one line; the warning of a portability verdict
     seconds: float = 0.0
     tests: list = field(default_factory=list)  # {"test", "outcome", "message"} per check
+
+
+@functools.cache
+def expected_checks(part):
+    """The names of part's checks, as its box reports them (parametrized ones with their
+    parameters), collected from this repository's contract: what a file is graded on even
+    when it stops before running them all."""
+    contract = REPO_ROOT / PARTS[part][1]
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                "--rootdir", str(contract.parent), str(contract)],
+                               capture_output=True, text=True, cwd=contract.parent,
+                               env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    names = [line.split("::")[-1] for line in collected.stdout.splitlines() if "::" in line]
+    if collected.returncode != 0 or not names:
+        raise RuntimeError(f"could not collect the checks of {contract}:\n{collected.stdout[-2000:]}{collected.stderr[-2000:]}")
+    return tuple(names)
 
 
 # ---------------------------------------------------------------- what this machine allows
@@ -292,15 +321,13 @@ def judge(part, shown_as, records, returncode, timed_out, log_tail, limits, seco
     """The Result of one box's run, from what its Recorder wrote and how the child ended."""
     tests = [record for record in records if "test" in record]
     failures = [record for record in tests if record["outcome"] in ("failed", "error")]
-    warnings = [record["warning"] for record in records if "warning" in record]
     result = Result(part, shown_as, "pass", sum(record["outcome"] == "passed" for record in tests),
                     len(tests), seconds=seconds, tests=tests)
-    result.verdict, result.first_failure = verdict(returncode, timed_out, records, failures, warnings,
-                                                   log_tail, limits)
+    result.verdict, result.first_failure = verdict(returncode, timed_out, records, failures, log_tail, limits)
     return result
 
 
-def verdict(returncode, timed_out, records, failures, warnings, log_tail, limits):
+def verdict(returncode, timed_out, records, failures, log_tail, limits):
     """(verdict, its cause in one line). A signal that ended the box's contract comes as the
     return code 128 + its number."""
     finished = any("done" in record for record in records)
@@ -315,15 +342,8 @@ def verdict(returncode, timed_out, records, failures, warnings, log_tail, limits
         return "memory", f"ran out of memory (limit {limits.memory_bytes / 2 ** 30:g} GiB): {first_with_memory(causes)}"
     if not finished:
         return "error", f"stopped before its checks finished ({how_it_ended(returncode)}){running}: {last_line(log_tail)}"
-    errors = [failure for failure in failures if failure["outcome"] == "error"]
-    if errors:
-        return "error", f"does not import or crashes outside any check: {errors[0]['message']}"
-    if failures:
-        return "fail", f"{failures[0]['test']}: {failures[0]['message']}"
-    if warnings:
-        return "portability", warnings[0]
-    not_run = [record for record in records if record.get("outcome") == "skipped" and "not run" in record["message"]]
-    return "pass", not_run[0]["message"] if not_run else ""
+    verdict_name, _, _, cause = contract_check().finished_verdict(records)
+    return verdict_name, cause
 
 
 def first_with_memory(causes):
@@ -415,56 +435,12 @@ def mounts():
 
 
 def run_contract(config):
-    """Run the contract on the file, its records going to home/results.jsonl."""
-    import pytest
+    """Run the contract on the file, its records going to home/results.jsonl line by line."""
+    sys.path.insert(0, str(Path(config["contract"]).parent))
+    from contract_check import run_contract as run
 
-    os.environ[config["variable"]] = config["file"]
-    recorder = Recorder(Path(config["home"]) / "results.jsonl")
-    pytest.main([config["contract"], "-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception",
-                 "--rootdir", str(Path(config["contract"]).parents[1])], plugins=[recorder])
-
-
-class Recorder:
-    """A pytest plugin writing one JSON line per check as it ends, one per PortabilityWarning,
-    and ``{"done": true}`` at the end: whatever kills the run, what was written stays."""
-
-    def __init__(self, path):
-        self.stream = open(path, "w", buffering=1)
-
-    def write(self, **record):
-        self.stream.write(json.dumps(record) + "\n")
-
-    def pytest_runtest_logreport(self, report):
-        if report.when == "call" or (report.when == "setup" and not report.passed):
-            outcome = "error" if report.when == "setup" and report.failed else report.outcome
-            self.write(test=report.nodeid.split("::")[-1], outcome=outcome, message=one_line(report))
-
-    def pytest_collectreport(self, report):
-        if report.failed:
-            self.write(test=report.nodeid or "collection", outcome="error", message=one_line(report))
-
-    def pytest_warning_recorded(self, warning_message, when, nodeid, location):
-        if type(warning_message.message).__name__ == "PortabilityWarning":
-            self.write(warning=f"{nodeid.split('::')[-1]}: {warning_message.message}")
-
-    def pytest_sessionfinish(self, session, exitstatus):
-        self.write(done=True)
-
-
-def one_line(report):
-    """The first line of why a check did not pass, without pytest's 'Failed: ' or 'Skipped: '."""
-    longrepr = report.longrepr
-    if longrepr is None:
-        return ""
-    if isinstance(longrepr, tuple):  # a skip: (path, line, reason)
-        text = longrepr[2]
-    else:
-        crash = getattr(longrepr, "reprcrash", None)
-        text = crash.message if crash is not None else str(longrepr)
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    for prefix in ("Failed: ", "Skipped: "):
-        first = first.removeprefix(prefix)
-    return first[:500]
+    with open(Path(config["home"]) / "results.jsonl", "w", buffering=1) as stream:
+        run(config["contract"], config["variable"], config["file"], stream)
 
 
 if __name__ == "__main__":

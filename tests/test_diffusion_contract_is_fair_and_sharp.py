@@ -1,4 +1,4 @@
-"""The contract (test_diffusion_contract.py) is fair and sharp, shown on known implementations.
+"""The contract (A3_PartB/diffusion_contract.py) is fair and sharp, shown on known implementations.
 
 Fair: it passes on this package's diffusion.py and on a second correct one written
 independently in the skeleton's style (tests/skeleton_style_diffusion/diffusion.py: plain
@@ -21,11 +21,11 @@ import torch
 
 from contract_verdicts import Mutant, verdicts, write_mutant
 from diffusion import Diffusion
-from test_diffusion_contract import load_diffusion_file, replace_noise, seeded_draws
+from diffusion_contract import load_diffusion_file, replace_noise, seeded_draws
 from unet import Unet
 
 TESTS = Path(__file__).resolve().parent
-CONTRACT = TESTS / "test_diffusion_contract.py"
+CONTRACT = TESTS.parent / "A3_PartB" / "diffusion_contract.py"
 SKELETON_STYLE = TESTS / "skeleton_style_diffusion" / "diffusion.py"
 CORRECT = {"ours": TESTS.parent / "A3_PartB" / "diffusion.py", "skeleton_style": SKELETON_STYLE}
 STUDENT_DEVICES = TESTS / "devices_in_student_files"

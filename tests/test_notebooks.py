@@ -21,6 +21,7 @@ import ipykernel.kernelspec
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 from afhq_data import make_afhq_folder
 from mnist_data import write_mnist_raw
@@ -198,17 +199,22 @@ sys.modules["gdown"] = types.SimpleNamespace(download=copy_the_whole_zip)
 """
 
 
-def run_through_the_data_cell(folder, settings):
-    """Run Part B's notebook in ``folder`` up to and including its data cell (the one calling
-    ``download_afhq``), with ``settings`` injected; returns what that cell printed."""
-    notebook = nbformat.read(folder / "run_diffusion.ipynb", as_version=4)
-    data_cell = next(index for index, cell in enumerate(notebook.cells)
-                     if "download_afhq(" in cell.source)
-    notebook.cells = notebook.cells[:data_cell + 1]
+def run_through(folder, notebook_name, marker, settings):
+    """Run the notebook in ``folder`` up to and including its first cell whose source holds
+    ``marker``, with ``settings`` injected; returns what that cell printed."""
+    notebook = nbformat.read(folder / notebook_name, as_version=4)
+    last = next(index for index, cell in enumerate(notebook.cells) if marker in cell.source)
+    notebook.cells = notebook.cells[:last + 1]
     inject_settings(notebook, settings)
     NotebookClient(notebook, kernel_name="python3", timeout=CELL_TIMEOUT_S,
                    resources={"metadata": {"path": str(folder)}}).execute()
     return "".join(output.get("text", "") for output in notebook.cells[-1].outputs)
+
+
+def run_through_the_data_cell(folder, settings):
+    """Run Part B's notebook in ``folder`` up to and including its data cell (the one calling
+    ``download_afhq``), with ``settings`` injected; returns what that cell printed."""
+    return run_through(folder, "run_diffusion.ipynb", "download_afhq(", settings)
 
 
 def cut_short_download(data, whole_zip):
@@ -282,3 +288,88 @@ def test_part_b_notebook_run_again_resumes_and_leaves_finished_parts_untouched(p
     assert error_outputs(notebook) == []
     assert len(checkpoints) == 3
     assert [(path.read_bytes(), path.stat().st_mtime_ns) for path in checkpoints] == before
+
+
+# ---- the check cell: the contract on the student's file before any training
+
+KL_SIGN_FLIPPED = ("kl_divergence = -0.5 * torch.sum(", "kl_divergence = 0.5 * torch.sum(")
+EQ7_X_T_TERM_SIGN_FLIPPED = ('"posterior_mean_coef2": alphas.sqrt()', '"posterior_mean_coef2": -alphas.sqrt()')
+CHECK_CELL = "check_before_training("
+
+
+def with_edit(path, edit):
+    """Apply one (old, new) replacement, found exactly once, to the file at ``path``."""
+    source = path.read_text()
+    assert source.count(edit[0]) == 1, edit[0]
+    path.write_text(source.replace(*edit))
+
+
+def stopped_run(path, settings):
+    """Run the notebook at ``path`` with ``settings`` injected, expecting a cell to fail:
+    (the executed notebook, the index of the failing cell, its error as 'name: message')."""
+    notebook = nbformat.read(path, as_version=4)
+    inject_settings(notebook, settings)
+    client = NotebookClient(notebook, kernel_name="python3", timeout=CELL_TIMEOUT_S,
+                            resources={"metadata": {"path": str(path.parent)}})
+    with pytest.raises(CellExecutionError):
+        client.execute()
+    failing, error = next((index, output) for index, cell in enumerate(notebook.cells)
+                          if cell.cell_type == "code" for output in cell.outputs
+                          if output.output_type == "error")
+    return notebook, failing, f"{error.ename}: {error.evalue}"
+
+
+def check_cell_output(notebook):
+    cell = next(cell for cell in notebook.cells if CHECK_CELL in cell.source)
+    return "".join(output.get("text", "") for output in cell.outputs)
+
+
+def assert_stopped_at_the_check_cell(notebook, failing):
+    assert CHECK_CELL in notebook.cells[failing].source
+    assert not any(cell.get("execution_count") for cell in notebook.cells[failing + 1:])
+
+
+def test_part_a_notebook_checks_vae_py_and_passes_ours_in_one_line(part_a_run):
+    _, notebook = part_a_run
+    assert check_cell_output(notebook) == "vae.py: pass (26/26 checks passed)\n"
+
+
+def test_part_b_notebook_checks_diffusion_py_and_passes_ours_in_one_line(part_b_run):
+    _, notebook = part_b_run
+    assert check_cell_output(notebook) == "diffusion.py: pass (48/48 checks passed)\n"
+
+
+@pytest.mark.parametrize("part, notebook_name, file_name, edit, named, settings, training", [
+    ("A3_PartA", "variational_autoencoders.ipynb", "vae.py", KL_SIGN_FLIPPED,
+     "test_loss_kl_term_is_eq_3_summed_over_latent_dimensions_and_averaged_over_the_batch: eq. (3) KL",
+     PART_A_SETTINGS, "train_vae(epoch, vae_model"),
+    ("A3_PartB", "run_diffusion.ipynb", "diffusion.py", EQ7_X_T_TERM_SIGN_FLIPPED,
+     "test_p_sample_mean_is_the_posterior_mean_of_eq_7_at_every_t: eq. (7) posterior mean",
+     PART_B_SETTINGS, "part1 = train_diffusion("),
+], ids=["part_a_kl_sign_flipped", "part_b_eq7_x_t_term_sign_flipped"])
+def test_a_notebook_stops_at_its_check_before_training_a_wrong_file(
+        jupyter_env, tmp_path, part, notebook_name, file_name, edit, named, settings, training):
+    folder = copy_part(part, tmp_path)
+    with_edit(folder / file_name, edit)
+    notebook, failing, error = stopped_run(folder / notebook_name, settings)
+    assert_stopped_at_the_check_cell(notebook, failing)
+    assert error.startswith(f"ContractFailed: {file_name}: fail (")
+    assert named in error and "TRAIN_ANYWAY = True" in error
+    assert failing < next(index for index, cell in enumerate(notebook.cells) if training in cell.source)
+    assert not (folder / "results").exists() and not list(folder.rglob("model.pt"))
+
+
+def test_part_a_notebook_trains_anyway_when_asked_and_the_check_only_warns(jupyter_env, tmp_path):
+    folder = copy_part("A3_PartA", tmp_path)
+    with_edit(folder / "vae.py", KL_SIGN_FLIPPED)
+    printed = run_through(folder, "variational_autoencoders.ipynb", CHECK_CELL, "TRAIN_ANYWAY = True")
+    assert printed.startswith("WARNING: vae.py: fail (")
+    assert "eq. (3) KL" in printed
+
+
+def test_part_b_notebook_warns_about_a_file_that_picks_its_device_itself_and_goes_on(jupyter_env, tmp_path):
+    folder = copy_part("A3_PartB", tmp_path)
+    shutil.copy(REPO_ROOT / "tests/devices_in_student_files/device_chosen_at_import/diffusion.py", folder)
+    printed = run_through(folder, "run_diffusion.ipynb", CHECK_CELL, "")
+    assert printed.startswith("WARNING: diffusion.py: portability (48/48 checks passed): ")
+    assert "Take the device from the input" in printed

@@ -14,6 +14,7 @@ import nbformat
 import pytest
 
 from make_submission import PART_FILES
+from submission_checks import PARTS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "make_submission.py"
 
@@ -212,8 +213,8 @@ def checked_run(tmp_path_factory):
     package's diffusion.py and a3_helper.py, and a student-style vae.py whose KL has the wrong
     sign; the zip goes to out.zip beside it."""
     root = fake_repository(tmp_path_factory.mktemp("checked") / "repo")
-    for name in ("tests/test_vae_contract.py", "tests/test_diffusion_contract.py", "A3_PartA/a3_helper.py",
-                 "A3_PartB/diffusion.py"):
+    contracts = [name for _, contract, _, support in PARTS.values() for name in (contract, *support)]
+    for name in (*contracts, "A3_PartB/diffusion.py"):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REAL / name, root / name)
     correct_vae = (REAL / "tests/skeleton_style_vae/keyword_hidden_dim/vae.py").read_text()

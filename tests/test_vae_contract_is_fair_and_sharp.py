@@ -1,4 +1,4 @@
-"""The contract (test_vae_contract.py) is fair and sharp, shown on known implementations.
+"""The contract (A3_PartA/vae_contract.py) is fair and sharp, shown on known implementations.
 
 Fair: it passes on this package's vae.py and on two correct ones written independently in the
 skeleton's style (tests/skeleton_style_vae/): hidden_dim hard-coded or a keyword, an extra
@@ -20,7 +20,7 @@ import pytest
 from contract_verdicts import Mutant, verdicts
 
 TESTS = Path(__file__).resolve().parent
-CONTRACT = TESTS / "test_vae_contract.py"
+CONTRACT = TESTS.parent / "A3_PartA" / "vae_contract.py"
 STUDENT_STYLE = TESTS / "skeleton_style_vae"
 MUTATED = STUDENT_STYLE / "keyword_hidden_dim" / "vae.py"
 CORRECT = {"ours": TESTS.parent / "A3_PartA" / "vae.py", "keyword_hidden_dim": MUTATED,

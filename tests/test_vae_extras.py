@@ -1,5 +1,5 @@
 """What only this package's vae.py offers: the notebook's layer layout and arguments checked at
-construction. What any correct vae.py does is in test_vae_contract.py."""
+construction. What any correct vae.py does is in A3_PartA/vae_contract.py."""
 import pytest
 from torch import nn
 

@@ -1,6 +1,6 @@
 """A second correct DDPM, written the way a student fills in the starter's skeleton.
 
-It exists to keep tests/test_diffusion_contract.py fair: the contract must pass on it as
+It exists to keep A3_PartB/diffusion_contract.py fair: the contract must pass on it as
 well as on A3_PartB/diffusion.py, although it differs from that file wherever the skeleton
 leaves room:
 

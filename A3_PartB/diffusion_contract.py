@@ -1,16 +1,19 @@
 """The contract of diffusion.py: what any correct file written to the starter's skeleton does.
 
-Point it at any diffusion.py (this package's own is the default):
+Point it at any diffusion.py (the one beside it is the default):
 
-    A3_DIFFUSION=path/to/diffusion.py python -m pytest tests/test_diffusion_contract.py
+    A3_DIFFUSION=path/to/diffusion.py python -m pytest A3_PartB/diffusion_contract.py
+    python -m pytest diffusion_contract.py        # in A3_PartB: its own diffusion.py
+
+The notebook runs it before training through ``contract_check.check_before_training``.
 
 Only the skeleton's public names are used: ``extract``, ``cosine_schedule``,
 ``unnormalize_to_zero_to_one`` and ``Diffusion(model, *, image_size, channels, timesteps)``
 with ``model``, ``image_size``, ``channels``, ``num_timesteps``, ``noise_like``, ``q_sample``,
 ``p_losses``, ``p_sample``, ``p_sample_loop``, ``sample`` and ``forward``. Noise is always
 passed explicitly, the schedule may be plain tensors or buffers, and values are compared in
-float32 to 1e-4 relative, against the handout's math (typos corrected, see ``Handout``) computed
-below in float64. The network is a stub whose prediction is known, and ``noise_like`` is
+float32 to 1e-4 relative, against the handout's math (typos corrected, see ``Handout`` in
+diffusion_reference.py) in float64. The network is a stub whose prediction is known, and ``noise_like`` is
 replaced by zeros, ones or a seeded generator, as the course's graders do.
 Time steps are 0-based: t = 0 .. T-1 in code is the handout's 1 .. T.
 
@@ -19,29 +22,26 @@ equations, and named in an equation's failure when it is the likely cause). Ever
 on a machine without a GPU; then the file is judged on each device the trainer picks by default
 (CUDA, Apple's MPS), simulated on the ``meta`` device, which every machine has, with CUDA's rule
 that an op's tensors share one device. A file that runs there but chooses its device itself
-instead of from its input gets a PortabilityWarning, not a failure.
+instead of from its input gets a PortabilityWarning, not a failure (simulated_devices.py).
 """
 
-import contextlib
-import functools
 import importlib.util
 import inspect
-import linecache
 import math
 import os
 import sys
 import warnings
-import weakref
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
-DEFAULT_FILE = Path(__file__).resolve().parents[1] / "A3_PartB" / "diffusion.py"
+from diffusion_reference import Handout, known_noise_prediction, StubNetwork
+from simulated_devices import (first_device_mixing, line_running, machine_with, move_as_the_trainer_does,
+                               OneDevice, PortabilityWarning, SimulatedOnMeta)
+
+DEFAULT_FILE = Path(__file__).resolve().parent / "diffusion.py"
 T = 50  # the course's time_steps
 SIZE = 4
 CHANNELS = 3
@@ -76,69 +76,7 @@ def load_diffusion_file(path):
     return module
 
 
-class Handout:
-    """The handout's math with its typos corrected (listed below), in float64.
-
-    Written for these tests alone, as the expected values: eq. (3) for alpha_t, eq. (6)'s abar_t
-    as the running product of the clipped alphas, eq. (7)'s posterior with sqrt(alpha_t) on x_t,
-    and abar_t (not alpha_t) in line 5 of Algorithms 1 and 2.
-    """
-
-    def __init__(self, timesteps, s=0.008):
-        def f(t):
-            return math.cos((t / timesteps + s) / (1 + s) * math.pi / 2) ** 2
-
-        # eq. (3): abar(t) / abar(t-1) = f(t) / f(t-1), as abar(t) = f(t) / f(0)
-        ratios = [f(t) / f(t - 1) for t in range(1, timesteps + 1)]
-        self.timesteps = timesteps
-        self.alpha = torch.tensor(ratios, dtype=torch.float64).clamp(0.001, 1.0)
-        self.abar = torch.cumprod(self.alpha, 0)
-        self.abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.abar[:-1]])
-        self.sigma = ((1 - self.abar_prev) / (1 - self.abar) * (1 - self.alpha)).sqrt()
-
-    def q_sample(self, x_0, t, noise):
-        """eq. (2) with abar_t (eq. 6; Algorithm 1 line 5); ``t`` holds one step per sample."""
-        abar = self.abar[t].view(-1, 1, 1, 1)
-        return abar.sqrt() * x_0 + (1 - abar).sqrt() * noise
-
-    def posterior_mean(self, x_t, t, eps):
-        """Algorithm 2 lines 5-7 at step ``t`` (an int): eq. (8), the clamp, eq. (7)'s mean."""
-        alpha, abar, abar_prev = self.alpha[t], self.abar[t], self.abar_prev[t]
-        x_0 = ((x_t - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
-        return (abar_prev.sqrt() * (1 - alpha) * x_0 + alpha.sqrt() * (1 - abar_prev) * x_t) / (1 - abar)
-
-    def reverse_process(self, x_T, predict, draw):
-        """Algorithm 2 from ``x_T``: the states x_{T-1} .. x_0 met on the way, and x_0 in [0, 1]."""
-        states, x = [], x_T.double()
-        for t in reversed(range(self.timesteps)):
-            states.append(x)
-            eps = predict(x, steps(t, len(x))).double()
-            x = self.posterior_mean(x, t, eps)
-            if t > 0:
-                x = x + self.sigma[t] * draw(tuple(x.shape)).double()
-        return torch.stack(states), (x + 1) / 2
-
-
 HANDOUT = Handout(T)
-
-
-class StubNetwork(nn.Module):
-    """Stands in for the U-Net: predicts epsilon = predict(x_t, t) and records each call."""
-
-    def __init__(self, predict):
-        super().__init__()
-        self.gain = nn.Parameter(torch.ones(()))  # so .parameters() and .to() work
-        self.predict = predict
-        self.calls = []
-
-    def forward(self, x, t):
-        self.calls.append((x.detach().clone(), t.detach().clone()))
-        return self.gain * self.predict(x, t)
-
-
-def known_noise_prediction(x, t):
-    """A prediction that depends on both x_t and t, for either float precision."""
-    return 0.5 * x + 0.02 * t.view(-1, 1, 1, 1)
 
 
 def make_diffusion(under_test, predict=known_noise_prediction, **settings):
@@ -199,17 +137,6 @@ def assert_rows_close(what, actual, expected, labels, *, atol=ATOL, draws=None):
 
 def at_each_t(ts):
     return [f"t={t}" for t in ts]
-
-
-def line_running(path):
-    """'diffusion.py:83 (the source line)' for the innermost call into the file at ``path`` now
-    running, or None when that file is not on the stack."""
-    frame = sys._getframe()
-    while frame is not None and frame.f_code.co_filename != path:
-        frame = frame.f_back
-    if frame is None:
-        return None
-    return f"{Path(path).name}:{frame.f_lineno} ({linecache.getline(path, frame.f_lineno).strip()})"
 
 
 class GlobalDraws(TorchDispatchMode):
@@ -534,23 +461,6 @@ def test_sample_runs_algorithm_2_from_x_T_drawn_by_noise_like(under_test, global
 # ---- devices: what a GPU would refuse, found without one
 
 
-class PortabilityWarning(UserWarning):
-    """The file runs on every device the trainer picks by default, but chooses its device itself
-    (from torch.cuda.is_available() or at import) instead of from its input, so it breaks when the
-    model is put on another device. A warning, never a failure."""
-
-
-class DeviceMixing(Exception):
-    """An op was given tensors on two devices, which CUDA and MPS refuse."""
-
-    def __init__(self, op, here, made):
-        self.op, self.here, self.made = op, here, made
-        super().__init__(f"torch.{op} at {here} mixes devices: it gets a CPU tensor {made}")
-
-
-ATEN = torch.ops.aten
-CROSSING = {ATEN._to_copy, ATEN.copy_}  # moves between devices, made to cross them
-INDEXING = {ATEN.index, ATEN.index_put, ATEN.index_put_, ATEN._index_put_impl_}  # CPU indices allowed
 TRAINERS_DEVICES = ("cuda", "mps")  # besides the CPU, on which every check above runs
 METHODS = ("q_sample", "p_losses", "forward", "p_sample", "p_sample_loop", "sample")
 
@@ -561,109 +471,6 @@ def on_a_cpu_only_machine():
     then keeps the model on the CPU, so the checks of the math are the CPU's device check."""
     with machine_with("cpu"):
         yield
-
-
-@contextlib.contextmanager
-def machine_with(device_type):
-    """While inside, torch says the machine's best device is ``device_type`` ("cuda", "mps" or
-    "cpu"), as the trainer's default_device and a file's own choice of device read it."""
-    saved = torch.cuda.is_available, torch.cuda.device_count, torch.backends.mps.is_available
-    torch.cuda.is_available = answering(saved[0], device_type == "cuda")
-    torch.cuda.device_count = answering(saved[1], int(device_type == "cuda"))
-    torch.backends.mps.is_available = answering(saved[2], device_type == "mps")
-    try:
-        yield
-    finally:
-        torch.cuda.is_available, torch.cuda.device_count, torch.backends.mps.is_available = saved
-
-
-def answering(function, answer):
-    """A stand-in for ``function`` that returns ``answer``; it keeps the original's name and
-    ``__wrapped__``, which torch itself reads."""
-    return functools.wraps(function)(lambda *args, **kwargs: answer)
-
-
-class SimulatedOnMeta(TorchFunctionMode):
-    """While active, ``device_type`` (cuda or mps) is simulated by the meta device: every tensor
-    asked for on it (``device=``, ``.to(...)``, ``.cuda()``) is made on meta, so code written for
-    a GPU runs, and is checked, on a machine without one."""
-
-    def __init__(self, device_type):
-        super().__init__()
-        self.device_type = device_type
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func is torch.Tensor.cuda:
-            return args[0].to("meta")
-        if "device" in kwargs:
-            kwargs["device"] = self.redirected(kwargs["device"], index_means_gpu=True)
-        if func is torch.Tensor.to:
-            args = tuple(self.redirected(item) for item in args)
-        return func(*args, **kwargs)
-
-    def redirected(self, device, index_means_gpu=False):
-        """meta for a device of the simulated type (a bare index is a GPU's), else ``device``."""
-        if index_means_gpu and isinstance(device, int) and not isinstance(device, bool):
-            return torch.device("meta") if self.device_type == "cuda" else device
-        if isinstance(device, str) and device.split(":")[0] == self.device_type:
-            return torch.device("meta")
-        if isinstance(device, torch.device) and device.type == self.device_type:
-            return torch.device("meta")
-        return device
-
-
-class OneDevice(TorchDispatchMode):
-    """While active, holds every op to CUDA's rule: all its tensors on one device, but for 0-dim
-    CPU tensors, which count as numbers. Each CPU tensor made meanwhile is remembered with the line
-    of the file under test that made it. Meta tensors hold no values: reading one back gives 0,
-    where a GPU would give a number."""
-
-    def __init__(self, under_test):
-        super().__init__()
-        self.path = under_test.__file__
-        self.made_at = {}  # id of a CPU tensor -> (weak reference to it, the line that made it)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.overloadpacket not in CROSSING:
-            checked = (args[:1] + args[2:]) if func.overloadpacket in INDEXING else (args, kwargs)
-            self.check(func, [item for item in tree_flatten(checked)[0] if isinstance(item, torch.Tensor)])
-        if func is ATEN._local_scalar_dense.default and args[0].is_meta:
-            return torch.zeros((), dtype=args[0].dtype).item()
-        result = func(*args, **kwargs)
-        sources = [self.origin(item) for item in tree_flatten((args, kwargs))[0] if isinstance(item, torch.Tensor)]
-        origin = next((line for line in sources if line), None) or line_running(self.path)
-        for tensor in tree_flatten(result)[0]:
-            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
-                self.made_at[id(tensor)] = (weakref.ref(tensor), origin)
-        return result
-
-    def origin(self, tensor):
-        """The line of the file under test where a CPU tensor made meanwhile, or the first CPU tensor
-        it was computed from, was made; None for any other tensor."""
-        reference, line = self.made_at.get(id(tensor), (None, None))
-        return line if reference is not None and reference() is tensor else None
-
-    def check(self, func, tensors):
-        """Raise DeviceMixing, saying where, when ``tensors`` are on more than one device."""
-        counted = [tensor for tensor in tensors if tensor.device.type != "cpu" or tensor.dim() > 0]
-        if len({tensor.device for tensor in counted}) < 2:
-            return
-        on_cpu = next(tensor for tensor in counted if tensor.device.type == "cpu")
-        here, made = line_running(self.path), self.origin(on_cpu)
-        origin = ("made on that line" if made == here else f"made at {made}" if made
-                  else "made before the call and left behind when the model moved (a tensor in a list, "
-                       "a dict or a global?)")
-        raise DeviceMixing(func.overloadpacket.__name__, here, f"of shape {tuple(on_cpu.shape)}, {origin}")
-
-
-def move_as_the_trainer_does(diffusion, device):
-    """device.move_to_device (Part B): ``.to(device)``, and the schedule tensors kept as plain attributes."""
-    diffusion.to(device)
-    for name, value in list(vars(diffusion).items()):
-        if isinstance(value, torch.Tensor):
-            setattr(diffusion, name, value.to(device))
 
 
 def call_on(diffusion, method, device):
@@ -677,29 +484,6 @@ def call_on(diffusion, method, device):
              "p_sample_loop": lambda: diffusion.p_sample_loop(x),
              "sample": lambda: diffusion.sample(BATCH)}
     return calls[method]()
-
-
-def first_device_mixing(steps, *modes):
-    """Run ``steps``, (name, function) pairs, in order with ``modes`` active: (the step's name,
-    the DeviceMixing) of the first that mixes devices, else (None, None). A step that the meta
-    device cannot run skips the test, saying so: that is no verdict on the file."""
-    step = stopped = None
-    try:
-        with contextlib.ExitStack() as active:
-            for mode in modes:
-                active.enter_context(mode)
-            for step, run in steps:
-                run()
-    except (DeviceMixing, NotImplementedError, RuntimeError) as error:
-        stopped = error
-    except AssertionError as error:  # torch's own, asked for a GPU it was not built for
-        if "CUDA" not in str(error):
-            raise
-        stopped = error
-    if stopped is not None and not isinstance(stopped, DeviceMixing):
-        pytest.skip(f"device check not run: the meta device cannot run all of {step} ({stopped}); "
-                    "devices were checked up to there")
-    return (step, stopped) if stopped is not None else (None, None)
 
 
 @pytest.mark.parametrize("device_type", TRAINERS_DEVICES)

@@ -1,8 +1,11 @@
 """The contract of vae.py: what any correct file written to the assignment's skeleton does.
 
-Point it at any vae.py (this package's own is the default):
+Point it at any vae.py (the one beside it is the default):
 
-    A3_VAE=path/to/vae.py python -m pytest tests/test_vae_contract.py
+    A3_VAE=path/to/vae.py python -m pytest A3_PartA/vae_contract.py
+    python -m pytest vae_contract.py        # in A3_PartA: its own vae.py
+
+The notebook runs it before training through ``contract_check.check_before_training``.
 
 Only the skeleton's names are used: ``hello_vae``, ``VAE(input_size, latent_size=15)``,
 ``CVAE(input_size, num_classes=10, latent_size=15)``, their ``forward`` and ``decoder``, as the
@@ -29,7 +32,7 @@ from torch.distributions import Bernoulli, Normal, kl_divergence
 
 matplotlib.use("Agg")  # show_images draws without a display
 
-PART_A = Path(__file__).resolve().parents[1] / "A3_PartA"
+PART_A = Path(__file__).resolve().parent
 DEFAULT_FILE = PART_A / "vae.py"
 HELPER_FILE = PART_A / "a3_helper.py"
 INPUT_SIZE = 784

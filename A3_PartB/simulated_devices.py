@@ -1,0 +1,174 @@
+"""What a GPU would refuse, found without one: the diffusion contract's simulated devices.
+
+The trainer puts the model on CUDA, else Apple's MPS, else the CPU. Here the machine says it has
+the one asked for (``machine_with``), tensors asked for on it are made on the ``meta`` device,
+which every machine has (``SimulatedOnMeta``), and every op is held to CUDA's rule that its
+tensors share one device (``OneDevice``), the line of the file under test that made a stray CPU
+tensor remembered for the message.
+"""
+import contextlib
+import functools
+import linecache
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+def line_running(path):
+    """'diffusion.py:83 (the source line)' for the innermost call into the file at ``path`` now
+    running, or None when that file is not on the stack."""
+    frame = sys._getframe()
+    while frame is not None and frame.f_code.co_filename != path:
+        frame = frame.f_back
+    if frame is None:
+        return None
+    return f"{Path(path).name}:{frame.f_lineno} ({linecache.getline(path, frame.f_lineno).strip()})"
+
+
+class PortabilityWarning(UserWarning):
+    """The file runs on every device the trainer picks by default, but chooses its device itself
+    (from torch.cuda.is_available() or at import) instead of from its input, so it breaks when the
+    model is put on another device. A warning, never a failure."""
+
+
+class DeviceMixing(Exception):
+    """An op was given tensors on two devices, which CUDA and MPS refuse."""
+
+    def __init__(self, op, here, made):
+        self.op, self.here, self.made = op, here, made
+        super().__init__(f"torch.{op} at {here} mixes devices: it gets a CPU tensor {made}")
+
+
+ATEN = torch.ops.aten
+CROSSING = {ATEN._to_copy, ATEN.copy_}  # moves between devices, made to cross them
+INDEXING = {ATEN.index, ATEN.index_put, ATEN.index_put_, ATEN._index_put_impl_}  # CPU indices allowed
+@contextlib.contextmanager
+def machine_with(device_type):
+    """While inside, torch says the machine's best device is ``device_type`` ("cuda", "mps" or
+    "cpu"), as the trainer's default_device and a file's own choice of device read it."""
+    saved = torch.cuda.is_available, torch.cuda.device_count, torch.backends.mps.is_available
+    torch.cuda.is_available = answering(saved[0], device_type == "cuda")
+    torch.cuda.device_count = answering(saved[1], int(device_type == "cuda"))
+    torch.backends.mps.is_available = answering(saved[2], device_type == "mps")
+    try:
+        yield
+    finally:
+        torch.cuda.is_available, torch.cuda.device_count, torch.backends.mps.is_available = saved
+
+
+def answering(function, answer):
+    """A stand-in for ``function`` that returns ``answer``; it keeps the original's name and
+    ``__wrapped__``, which torch itself reads."""
+    return functools.wraps(function)(lambda *args, **kwargs: answer)
+
+
+class SimulatedOnMeta(TorchFunctionMode):
+    """While active, ``device_type`` (cuda or mps) is simulated by the meta device: every tensor
+    asked for on it (``device=``, ``.to(...)``, ``.cuda()``) is made on meta, so code written for
+    a GPU runs, and is checked, on a machine without one."""
+
+    def __init__(self, device_type):
+        super().__init__()
+        self.device_type = device_type
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0].to("meta")
+        if "device" in kwargs:
+            kwargs["device"] = self.redirected(kwargs["device"], index_means_gpu=True)
+        if func is torch.Tensor.to:
+            args = tuple(self.redirected(item) for item in args)
+        return func(*args, **kwargs)
+
+    def redirected(self, device, index_means_gpu=False):
+        """meta for a device of the simulated type (a bare index is a GPU's), else ``device``."""
+        if index_means_gpu and isinstance(device, int) and not isinstance(device, bool):
+            return torch.device("meta") if self.device_type == "cuda" else device
+        if isinstance(device, str) and device.split(":")[0] == self.device_type:
+            return torch.device("meta")
+        if isinstance(device, torch.device) and device.type == self.device_type:
+            return torch.device("meta")
+        return device
+
+
+class OneDevice(TorchDispatchMode):
+    """While active, holds every op to CUDA's rule: all its tensors on one device, but for 0-dim
+    CPU tensors, which count as numbers. Each CPU tensor made meanwhile is remembered with the line
+    of the file under test that made it. Meta tensors hold no values: reading one back gives 0,
+    where a GPU would give a number."""
+
+    def __init__(self, under_test):
+        super().__init__()
+        self.path = under_test.__file__
+        self.made_at = {}  # id of a CPU tensor -> (weak reference to it, the line that made it)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket not in CROSSING:
+            checked = (args[:1] + args[2:]) if func.overloadpacket in INDEXING else (args, kwargs)
+            self.check(func, [item for item in tree_flatten(checked)[0] if isinstance(item, torch.Tensor)])
+        if func is ATEN._local_scalar_dense.default and args[0].is_meta:
+            return torch.zeros((), dtype=args[0].dtype).item()
+        result = func(*args, **kwargs)
+        sources = [self.origin(item) for item in tree_flatten((args, kwargs))[0] if isinstance(item, torch.Tensor)]
+        origin = next((line for line in sources if line), None) or line_running(self.path)
+        for tensor in tree_flatten(result)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+                self.made_at[id(tensor)] = (weakref.ref(tensor), origin)
+        return result
+
+    def origin(self, tensor):
+        """The line of the file under test where a CPU tensor made meanwhile, or the first CPU tensor
+        it was computed from, was made; None for any other tensor."""
+        reference, line = self.made_at.get(id(tensor), (None, None))
+        return line if reference is not None and reference() is tensor else None
+
+    def check(self, func, tensors):
+        """Raise DeviceMixing, saying where, when ``tensors`` are on more than one device."""
+        counted = [tensor for tensor in tensors if tensor.device.type != "cpu" or tensor.dim() > 0]
+        if len({tensor.device for tensor in counted}) < 2:
+            return
+        on_cpu = next(tensor for tensor in counted if tensor.device.type == "cpu")
+        here, made = line_running(self.path), self.origin(on_cpu)
+        origin = ("made on that line" if made == here else f"made at {made}" if made
+                  else "made before the call and left behind when the model moved (a tensor in a list, "
+                       "a dict or a global?)")
+        raise DeviceMixing(func.overloadpacket.__name__, here, f"of shape {tuple(on_cpu.shape)}, {origin}")
+
+
+def move_as_the_trainer_does(diffusion, device):
+    """device.move_to_device (Part B): ``.to(device)``, and the schedule tensors kept as plain attributes."""
+    diffusion.to(device)
+    for name, value in list(vars(diffusion).items()):
+        if isinstance(value, torch.Tensor):
+            setattr(diffusion, name, value.to(device))
+
+
+def first_device_mixing(steps, *modes):
+    """Run ``steps``, (name, function) pairs, in order with ``modes`` active: (the step's name,
+    the DeviceMixing) of the first that mixes devices, else (None, None). A step that the meta
+    device cannot run skips the test, saying so: that is no verdict on the file."""
+    step = stopped = None
+    try:
+        with contextlib.ExitStack() as active:
+            for mode in modes:
+                active.enter_context(mode)
+            for step, run in steps:
+                run()
+    except (DeviceMixing, NotImplementedError, RuntimeError) as error:
+        stopped = error
+    except AssertionError as error:  # torch's own, asked for a GPU it was not built for
+        if "CUDA" not in str(error):
+            raise
+        stopped = error
+    if stopped is not None and not isinstance(stopped, DeviceMixing):
+        pytest.skip(f"device check not run: the meta device cannot run all of {step} ({stopped}); "
+                    "devices were checked up to there")
+    return (step, stopped) if stopped is not None else (None, None)

@@ -1,0 +1,42 @@
+"""contract_check.py: one file in both parts' folders, and the verdict it reads from a run.
+
+The notebooks' check cells run it on real files (test_notebooks.py); make_submission.py and
+grade_submissions.py judge its records (test_submission.py, test_grade_submissions.py).
+"""
+from pathlib import Path
+
+import pytest
+
+from contract_check import finished_verdict, verdict_line
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PASSED = {"test": "test_a", "outcome": "passed", "message": ""}
+FAILED = {"test": "test_b", "outcome": "failed", "message": "eq. (7) posterior mean is off"}
+ERROR = {"test": "diffusion_contract.py", "outcome": "error", "message": "SyntaxError: invalid syntax"}
+NOT_RUN = {"test": "test_c", "outcome": "skipped", "message": "device check not run: the meta device ..."}
+WARNING = {"warning": "test_d: q_sample runs only on the device it picks itself"}
+DONE = {"done": True}
+
+
+def test_both_parts_ship_the_same_contract_check():
+    """Each part's folder runs alone on Colab, so each holds a copy: they must not drift apart."""
+    part_a, part_b = (REPO_ROOT / part / "contract_check.py" for part in ("A3_PartA", "A3_PartB"))
+    assert part_a.read_bytes() == part_b.read_bytes()
+
+
+@pytest.mark.parametrize("records, expected", [
+    ([PASSED, PASSED, DONE], ("pass", 2, 2, "")),
+    ([PASSED, NOT_RUN, DONE], ("pass", 1, 2, NOT_RUN["message"])),
+    ([PASSED, WARNING, PASSED, DONE], ("portability", 2, 2, WARNING["warning"])),
+    ([PASSED, FAILED, WARNING, DONE], ("fail", 1, 2, "test_b: eq. (7) posterior mean is off")),
+    ([ERROR, FAILED, DONE], ("error", 0, 2, "does not import or crashes outside any check: "
+                                            "SyntaxError: invalid syntax")),
+])
+def test_the_verdict_names_the_worst_outcome_and_its_first_cause(records, expected):
+    assert finished_verdict(records) == expected
+
+
+def test_the_verdict_line_reads_as_make_submission_prints_it():
+    assert verdict_line("vae.py", "fail", 25, 26, "test_kl: eq. (3) KL is off") == (
+        "vae.py: fail (25/26 checks passed): test_kl: eq. (3) KL is off")
+    assert verdict_line("vae.py", "pass", 26, 26, "") == "vae.py: pass (26/26 checks passed)"
