@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from submission_checks import PARTS, VERDICTS, Limits, Result, check_file, protections
+from submission_checks import PARTS, VERDICTS, Limits, Result, check_file, expected_checks, protections
 
 COLUMNS = ("submission", "part", "file", "verdict", "passed", "total", "first_failure", "seconds")
 IGNORED_FOLDERS = {"__MACOSX", ".ipynb_checkpoints", "__pycache__"}
@@ -34,6 +34,7 @@ MAX_ENTRIES = 2000
 MAX_UNPACKED_BYTES = 200 * 2 ** 20
 MAX_RATIO = 200  # unpacked size over packed size, of an entry or of the whole zip
 MAX_FILE_BYTES = 5 * 2 ** 20  # a vae.py or diffusion.py larger than this is not a student's
+POINTS = {"A": 100, "B": 50}  # the handout's: Part A the required 100 points, Part B the bonus 50
 
 
 class Refused(Exception):
@@ -216,20 +217,53 @@ def markdown(rows, protected):
     return "\n".join(lines) + "\n"
 
 
-def gradescope(results):
-    """A submission's results.json in the format of Gradescope's autograders: one test per check
-    of each part's contract, or one per part that could not be checked."""
-    tests = []
+def gradescope(results, points=POINTS, checks=None):
+    """A submission's results.json in Gradescope's format: for each part graded, one test per
+    check of its contract (``checks``: part -> names; by default collected from the contract),
+    named "Part A (vae.py): <check>", the part's ``points`` shared by the checks that ran.
+
+    A check the box could not run (the meta device's limits) and a portability warning are
+    0-point tests that say why, so that a course-correct file gets full marks. A check that a
+    file stopped before (a crash, a loop, memory) and every check of a part that could not be
+    checked (missing, refused) score 0, with the reason.
+    """
+    tests, score = [], 0.0
     for result in results:
-        label = f"Part {result.part} ({PARTS[result.part][0]})"
-        if not result.tests:
-            tests.append({"name": label, "score": 0, "max_score": 1, "output": f"{result.verdict}: {result.first_failure}"})
-        for test in result.tests:
-            tests.append({"name": f"{label}: {test['test']}", "score": int(test["outcome"] == "passed"),
-                          "max_score": 1, "output": test["message"]})
-        if result.verdict == "portability":
-            tests.append({"name": f"{label}: portability", "score": 0, "max_score": 0, "output": result.first_failure})
-    return {"score": sum(test["score"] for test in tests), "tests": tests}
+        names = checks[result.part] if checks else expected_checks(result.part)
+        part_tests, part_score = graded_checks(result, points[result.part], names)
+        tests += part_tests
+        score += part_score
+    return {"score": round(score, 2), "tests": tests}
+
+
+def graded_checks(result, points, names):
+    """(Gradescope's tests of one part, their score): see ``gradescope``."""
+    label = f"Part {result.part} ({PARTS[result.part][0]})"
+    recorded = {test["test"]: test for test in result.tests}
+    not_run = {name for name, test in recorded.items() if test["outcome"] == "skipped"}
+    worth = dict(zip([name for name in names if name not in not_run], shares(points, len(names) - len(not_run))))
+    stopped = f"not run: {result.verdict}: {result.first_failure}"
+    tests, score = [], 0.0
+    for name in names:
+        record = recorded.get(name, {"outcome": "stopped", "message": stopped})
+        earned = worth.get(name, 0) if record["outcome"] in ("passed", "skipped") else 0
+        tests.append(gradescope_test(f"{label}: {name}", earned, worth.get(name, 0), record["message"]))
+        score += earned
+    if result.verdict == "portability":
+        tests.append(gradescope_test(f"{label}: portability", 0, 0, result.first_failure))
+    return tests, round(score, 2)
+
+
+def shares(points, count):
+    """``points`` split into ``count`` shares in whole hundredths that add up to it exactly."""
+    base, extra = divmod(round(points * 100), max(1, count))
+    return [(base + (index < extra)) / 100 for index in range(count)]
+
+
+def gradescope_test(name, score, max_score, output):
+    """One test of results.json, always visible to the student."""
+    return {"name": name, "score": score, "max_score": max_score,
+            "status": "passed" if score >= max_score else "failed", "output": output, "visibility": "visible"}
 
 
 def safe_name(name):

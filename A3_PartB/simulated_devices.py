@@ -9,7 +9,9 @@ tensor remembered for the message.
 import contextlib
 import functools
 import linecache
+import re
 import sys
+import traceback
 import weakref
 from pathlib import Path
 
@@ -108,6 +110,7 @@ class OneDevice(TorchDispatchMode):
         super().__init__()
         self.path = under_test.__file__
         self.made_at = {}  # id of a CPU tensor -> (weak reference to it, the line that made it)
+        self.failed_op = None  # (op, line of the file under test) of an op that raised
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -116,7 +119,11 @@ class OneDevice(TorchDispatchMode):
             self.check(func, [item for item in tree_flatten(checked)[0] if isinstance(item, torch.Tensor)])
         if func is ATEN._local_scalar_dense.default and args[0].is_meta:
             return torch.zeros((), dtype=args[0].dtype).item()
-        result = func(*args, **kwargs)
+        try:
+            result = func(*args, **kwargs)
+        except Exception:
+            self.failed_op = (func.overloadpacket.__name__, line_running(self.path))
+            raise
         sources = [self.origin(item) for item in tree_flatten((args, kwargs))[0] if isinstance(item, torch.Tensor)]
         origin = next((line for line in sources if line), None) or line_running(self.path)
         for tensor in tree_flatten(result)[0]:
@@ -151,24 +158,49 @@ def move_as_the_trainer_does(diffusion, device):
             setattr(diffusion, name, value.to(device))
 
 
-def first_device_mixing(steps, *modes):
+def first_failure_on_device(steps, *modes):
     """Run ``steps``, (name, function) pairs, in order with ``modes`` active: (the step's name,
-    the DeviceMixing) of the first that mixes devices, else (None, None). A step that the meta
-    device cannot run skips the test, saying so: that is no verdict on the file."""
-    step = stopped = None
+    what stopped it) for the first that raises, else (None, None). What stopped it is a
+    DeviceMixing, or any other exception of the file's code, which that device raises too. A
+    step stopped by the simulation's own limits (``beyond_the_simulation``) skips the test,
+    saying so: that is no verdict on the file, and never a silent pass."""
+    step = None
     try:
         with contextlib.ExitStack() as active:
             for mode in modes:
                 active.enter_context(mode)
             for step, run in steps:
                 run()
-    except (DeviceMixing, NotImplementedError, RuntimeError) as error:
-        stopped = error
-    except AssertionError as error:  # torch's own, asked for a GPU it was not built for
-        if "CUDA" not in str(error):
-            raise
-        stopped = error
-    if stopped is not None and not isinstance(stopped, DeviceMixing):
-        pytest.skip(f"device check not run: the meta device cannot run all of {step} ({stopped}); "
-                    "devices were checked up to there")
-    return (step, stopped) if stopped is not None else (None, None)
+    except Exception as error:  # noqa: BLE001 - whatever the file raises on that device is its verdict
+        if beyond_the_simulation(error):
+            pytest.skip(f"device check not run: the meta device cannot run all of {step} "
+                        f"({type(error).__name__}: {first_line(error)}); devices were checked up to there")
+        return step, error
+    return None, None
+
+
+def beyond_the_simulation(error):
+    """Whether ``error`` comes from the simulated device's limits, not from the file's code: one
+    that names the meta device (an op it has no kernel for, a value read back from a meta tensor,
+    which holds none, a generator on it), or a call into the CUDA or MPS runtime (raised inside torch.cuda or torch.mps: e.g.
+    ``torch.cuda.synchronize()``, which no simulated GPU answers)."""
+    if re.search(r"\bmeta\b", str(error), re.IGNORECASE):
+        return True
+    runtimes = [str(Path(module.__file__).parent) for module in (torch.cuda, torch.mps)]
+    return any(frame.filename.startswith(tuple(runtimes)) for frame in traceback.extract_tb(error.__traceback__))
+
+
+def first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def crash_on_device(error, device, path):
+    """Where and how the file's code crashed on the simulated device: the op that raised (as
+    ``OneDevice`` saw it) or else the file's innermost line, and the error."""
+    if device.failed_op is not None:
+        op, line = device.failed_op
+        return f"torch.{op} at {line} raises {type(error).__name__}: {first_line(error)}"
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if frame.filename == path]
+    where = f" at {Path(path).name}:{frames[-1].lineno} ({frames[-1].line})" if frames else ""
+    return f"{type(error).__name__}: {first_line(error)}{where}"

@@ -120,6 +120,11 @@ MUTANTS = [
     # not a mistake: a GPU reads values back, which meta tensors do not hold
     Mutant("correct_but_reads_t_back_with_item", (("if t_index > 0 else", "if t[0].item() > 0 else"),), set()),
     # not a mistake either: what needs a real GPU is a device check not run (skipped), not a failure
+    # a real crash in code that runs only on a GPU fails on CUDA, as it would there
+    Mutant("gpu_only_branch_with_a_shape_error",
+           (("        abar = extract(self.alphas_bar, t, x_0.shape)\n        return abar.sqrt()",
+             "        abar = extract(self.alphas_bar, t, x_0.shape)\n        if torch.cuda.is_available():\n"
+             "            abar = abar.view(1, -1)\n        return abar.sqrt()"),), {ON_THE_TRAINERS_DEVICES}),
     Mutant("correct_but_synchronizes_the_gpu_in_sample",
            (("        return self.p_sample_loop(self.noise_like(shape, device))",
              "        if torch.cuda.is_available():\n            torch.cuda.synchronize()\n"
