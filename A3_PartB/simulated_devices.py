@@ -48,6 +48,7 @@ class DeviceMixing(Exception):
 
 
 ATEN = torch.ops.aten
+SIMULATION_LIMITS = r"\bmeta\b|nvidia driver|not compiled with cuda"  # what only a simulated GPU raises
 CROSSING = {ATEN._to_copy, ATEN.copy_}  # moves between devices, made to cross them
 INDEXING = {ATEN.index, ATEN.index_put, ATEN.index_put_, ATEN._index_put_impl_}  # CPU indices allowed
 @contextlib.contextmanager
@@ -182,9 +183,10 @@ def first_failure_on_device(steps, *modes):
 def beyond_the_simulation(error):
     """Whether ``error`` comes from the simulated device's limits, not from the file's code: one
     that names the meta device (an op it has no kernel for, a value read back from a meta tensor,
-    which holds none, a generator on it), or a call into the CUDA or MPS runtime (raised inside torch.cuda or torch.mps: e.g.
-    ``torch.cuda.synchronize()``, which no simulated GPU answers)."""
-    if re.search(r"\bmeta\b", str(error), re.IGNORECASE):
+    which holds none, a generator on it) or the missing NVIDIA driver (``pin_memory()``), or one
+    raised inside torch.cuda or torch.mps (a call into the CUDA or MPS runtime, such as
+    ``torch.cuda.synchronize()``, which no simulated GPU answers). No GPU raises these."""
+    if re.search(SIMULATION_LIMITS, str(error), re.IGNORECASE):
         return True
     runtimes = [str(Path(module.__file__).parent) for module in (torch.cuda, torch.mps)]
     return any(frame.filename.startswith(tuple(runtimes)) for frame in traceback.extract_tb(error.__traceback__))

@@ -125,6 +125,10 @@ MUTANTS = [
            (("        abar = extract(self.alphas_bar, t, x_0.shape)\n        return abar.sqrt()",
              "        abar = extract(self.alphas_bar, t, x_0.shape)\n        if torch.cuda.is_available():\n"
              "            abar = abar.view(1, -1)\n        return abar.sqrt()"),), {ON_THE_TRAINERS_DEVICES}),
+    Mutant("correct_but_pins_memory_in_sample",  # CUDA's driver, which no simulated GPU has
+           (("        return self.p_sample_loop(self.noise_like(shape, device))",
+             "        if torch.cuda.is_available():\n            torch.zeros(1).pin_memory()\n"
+             "        return self.p_sample_loop(self.noise_like(shape, device))"),), set()),
     Mutant("correct_but_synchronizes_the_gpu_in_sample",
            (("        return self.p_sample_loop(self.noise_like(shape, device))",
              "        if torch.cuda.is_available():\n            torch.cuda.synchronize()\n"
