@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from contract_check import finished_verdict, verdict_line
+import contract_check
+from contract_check import check_before_training, finished_verdict, verdict_line
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PASSED = {"test": "test_a", "outcome": "passed", "message": ""}
@@ -40,3 +41,10 @@ def test_the_verdict_line_reads_as_make_submission_prints_it():
     assert verdict_line("vae.py", "fail", 25, 26, "test_kl: eq. (3) KL is off") == (
         "vae.py: fail (25/26 checks passed): test_kl: eq. (3) KL is off")
     assert verdict_line("vae.py", "pass", 26, 26, "") == "vae.py: pass (26/26 checks passed)"
+
+
+def test_without_pytest_the_notebooks_check_says_how_to_get_it_and_lets_training_go_on(monkeypatch, capsys):
+    monkeypatch.setattr(contract_check, "pytest", None)
+    check_before_training(REPO_ROOT / "A3_PartA" / "vae_contract.py", "A3_VAE", REPO_ROOT / "A3_PartA" / "vae.py")
+    assert capsys.readouterr().out == ("WARNING: vae.py was not checked: pytest is not installed. Run "
+                                       "`%pip install pytest`, then this cell again.\n")

@@ -13,6 +13,8 @@ The contract runs once per file, in one subprocess, with $A3_VAE naming the file
 student runs it.
 """
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,21 @@ def test_heads_with_a_relu_are_told_that_logvar_must_go_below_zero(verdicts_by_f
 def test_a_decoder_that_cannot_read_z_and_c_is_told_the_shapes(verdicts_by_file):
     message = verdicts_by_file["label_given_twice_to_the_decoder"][DECODER_READS_C]
     assert message.startswith("Failed: CVAE's decoder cannot read codes of shape (10, 25)")
+
+
+AS_ON_A_GPU_MACHINE = """
+import sys, pytest, torch
+torch.cuda.is_available = lambda: True  # a3_helper.pick_device would now answer CUDA ...
+if hasattr(torch, "accelerator"):  # torch 2.6 on: Adam's own check stays off the GPU
+    torch.accelerator.is_available = lambda: False
+sys.exit(pytest.main([sys.argv[1], "-q", "-p", "no:cacheprovider", "-k", "train_vae"]))
+"""
+
+
+def test_the_contract_trains_on_the_cpu_even_where_a_gpu_is_found():
+    """On a GPU a file's mistake can trip a CUDA kernel's assert and break the CUDA context of the
+    whole process (the notebook's kernel): the contract's training check never goes there. Here
+    the machine claims a GPU it does not have, so any move to CUDA would fail the check."""
+    run = subprocess.run([sys.executable, "-c", AS_ON_A_GPU_MACHINE, str(CONTRACT)], cwd=TESTS.parent,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:]
