@@ -58,8 +58,8 @@ def helper(under_test):
     """a3_helper.py importing the file under test as ``vae``, as it does next to it in the notebook,
     training on the CPU on every machine. On a GPU, a mistake that trips a CUDA kernel's assert
     (BCE of an x_hat outside [0, 1], from a decoder without its sigmoid) breaks the CUDA context
-    of the whole process, the notebook's kernel included, and every later check with it: seen
-    on an H200, where one such file failed every check of the files checked after it."""
+    of the whole process, the notebook's kernel included, and every later check with it (on an
+    H200, the file checked after one without its sigmoid failed checks it passes elsewhere)."""
     with beside(HELPER_FILE, vae=under_test):
         module = run_as_module("a3_helper_under_contract", HELPER_FILE)
     module.pick_device = lambda: torch.device("cpu")  # train_vae's device, read at each call
