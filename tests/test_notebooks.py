@@ -12,6 +12,7 @@ distance, the plot. The Inception network itself is not exercised by these tests
 """
 import csv
 import math
+import re
 import shutil
 import tempfile
 import zipfile
@@ -81,7 +82,10 @@ def copy_part(part_folder, destination):
 
 
 def inject_settings(notebook, source):
-    """Insert a code cell running `source` right after the cell tagged `parameters`."""
+    """Insert a code cell running `source` right after the cell tagged `parameters`, in place of
+    one an earlier run injected (as papermill does)."""
+    notebook.cells = [cell for cell in notebook.cells
+                      if "injected-parameters" not in cell.metadata.get("tags", [])]
     index = next(i for i, cell in enumerate(notebook.cells)
                  if "parameters" in cell.metadata.get("tags", []))
     injected = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
@@ -373,3 +377,24 @@ def test_part_b_notebook_warns_about_a_file_that_picks_its_device_itself_and_goe
     printed = run_through(folder, "run_diffusion.ipynb", CHECK_CELL, "")
     assert printed.startswith("WARNING: diffusion.py: portability (48/48 checks passed): ")
     assert "Take the device from the input" in printed
+
+
+def test_part_b_notebook_run_again_resumes_a_part_cut_short(part_b_run, tmp_path):
+    """Run all again where Part 5 has more steps to go than its checkpoint holds (a session cut
+    short): Part 5 goes on from its step, and the finished Parts 1 and 2 are not trained again."""
+    folder = Path(shutil.copytree(part_b_run[0], tmp_path / "A3_PartB"))
+    finished = {part: (folder / f"results/{part}/model.pt").read_bytes() for part in ("part1", "part2")}
+    notebook = execute_notebook(folder / "run_diffusion.ipynb", PART_B_SETTINGS + "PART5_STEPS, PART5_EVERY = 4, 2\n")
+    part5 = next(cell for cell in notebook.cells if "part5 = train_diffusion(" in cell.source)
+    assert "Resuming from step 2 of 4." in "".join(output.get("text", "") for output in part5.outputs)
+    assert {part: (folder / f"results/{part}/model.pt").read_bytes() for part in finished} == finished
+    assert (folder / "results/part5/sample_1.png").is_file()  # the grid of step 4
+
+
+def test_part_b_notebook_reads_every_setting_of_its_parameters_cell():
+    notebook = nbformat.read(REPO_ROOT / "A3_PartB" / "run_diffusion.ipynb", as_version=4)
+    parameters = next(cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", []))
+    names = re.findall(r"^([A-Z][A-Z0-9_]*) *=", parameters.source, flags=re.MULTILINE)
+    rest = "\n".join(cell.source for cell in notebook.cells if cell is not parameters and cell.cell_type == "code")
+    assert {"PRECISION", "CHECKPOINT_MINUTES", "RESUME", "TRAIN_ANYWAY"} <= set(names)
+    assert [name for name in names if not re.search(rf"\b{name}\b", rest)] == []
