@@ -93,6 +93,7 @@ def test_the_zip_holds_setup_sh_and_an_executable_run_autograder_at_its_root(aut
     assert {part: (value["points"], tuple(value["checks"])) for part, value in settings["parts"].items()} == {
         part: (POINTS[part], expected_checks(part)) for part in PARTS}
     assert '"torch>=2.4" "torchvision>=0.19"' in setup and "download.pytorch.org/whl/cpu" in setup
+    assert subprocess.run(["bash", "-n"], input=setup, text=True).returncode == 0  # parses as bash
     requirements = requirement_lines()
     assert requirements["pytest"] == "pytest>=7.4"
 
