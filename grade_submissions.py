@@ -246,7 +246,7 @@ def graded_checks(result, points, names):
     tests, score = [], 0.0
     for name in names:
         record = recorded.get(name, {"outcome": "stopped", "message": stopped})
-        earned = worth.get(name, 0) if record["outcome"] in ("passed", "skipped") else 0
+        earned = worth.get(name, 0) if record["outcome"] == "passed" else 0
         tests.append(gradescope_test(f"{label}: {name}", earned, worth.get(name, 0), record["message"]))
         score += earned
     if result.verdict == "portability":

@@ -21,6 +21,7 @@ verdicts and points as ``grade_submissions.py``.
 import argparse
 import json
 import re
+import shutil
 import stat
 import tempfile
 import time
@@ -152,12 +153,11 @@ def shown_to_the_student(results):
 
 def local(submission, parts, points, limits):
     """--local: grade one submission (a folder or a zip) on this machine, as Gradescope would."""
-    with tempfile.TemporaryDirectory(prefix="a3_upload_") as upload:
-        if Path(submission).is_dir():
-            upload = submission
-        else:
-            Path(upload, Path(submission).name).write_bytes(Path(submission).read_bytes())
-        print(shown_to_the_student(graded(Path(upload), config(parts, points, limits))))
+    with tempfile.TemporaryDirectory(prefix="a3_upload_") as folder:
+        upload = Path(submission)
+        if upload.is_file():  # a zip, held in a folder as Gradescope holds an upload
+            upload = Path(shutil.copy(upload, folder)).parent
+        print(shown_to_the_student(graded(upload, config(parts, points, limits))))
 
 
 def points_of(text):
@@ -197,7 +197,11 @@ def main(argv=None):
     elif args.local is not None:
         local(args.local, args.parts, args.points, args.limits)
     else:
-        build(args.output, args.parts, args.points, args.limits)
+        try:
+            build(args.output, args.parts, args.points, args.limits)
+        except OSError as error:
+            raise SystemExit(f"Cannot write {args.output}: {error.strerror or error}. "
+                             "Choose a folder you can write to.") from None
         print(f"Wrote {args.output}: upload it as the assignment's autograder on Gradescope "
               f"({', '.join(f'Part {part} {args.points[part]:g} points' for part in args.parts)}).")
 

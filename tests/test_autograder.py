@@ -150,3 +150,10 @@ def test_local_grades_a_zip_left_whole_and_prints_what_the_student_would_see(tmp
     printed = capsys.readouterr().out
     assert printed.splitlines()[-1] == "Total: 10.0"
     assert "Part A (vae.py): test_loss_function_is_the_negative_elbo_of_eq_4" in printed
+
+
+def test_an_output_that_cannot_be_written_is_said_in_one_line(tmp_path):
+    with pytest.raises(SystemExit) as stopped:
+        make_autograder(["--output", str(tmp_path / "no_such_folder" / "autograder.zip")])
+    assert str(stopped.value) == (f"Cannot write {tmp_path / 'no_such_folder' / 'autograder.zip'}: "
+                                  "No such file or directory. Choose a folder you can write to.")
