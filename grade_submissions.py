@@ -225,7 +225,9 @@ def gradescope(results, points=POINTS, checks=None):
     A check the box could not run (the meta device's limits) and a portability warning are
     0-point tests that say why, so that a course-correct file gets full marks. A check that a
     file stopped before (a crash, a loop, memory) and every check of a part that could not be
-    checked (missing, refused) score 0, with the reason.
+    checked (missing, refused) score 0, with the reason. A check that judges what the box
+    observed beside the file's answers (its record says what it ``rests_on``) scores only when
+    the checks it rests on passed: faking what the box observed earns nothing by itself.
     """
     tests, score = [], 0.0
     for result in results:
@@ -243,11 +245,16 @@ def graded_checks(result, points, names):
     not_run = {name for name, test in recorded.items() if test["outcome"] == "skipped"}
     worth = dict(zip([name for name in names if name not in not_run], shares(points, len(names) - len(not_run))))
     stopped = f"not run: {result.verdict}: {result.first_failure}"
+    passed = [name for name, test in recorded.items() if test["outcome"] == "passed"]
     tests, score = [], 0.0
     for name in names:
         record = recorded.get(name, {"outcome": "stopped", "message": stopped})
-        earned = worth.get(name, 0) if record["outcome"] == "passed" else 0
-        tests.append(gradescope_test(f"{label}: {name}", earned, worth.get(name, 0), record["message"]))
+        unmet = [check for check in record.get("rests_on", []) if not any(
+            done == check or done.startswith(f"{check}[") for done in passed)]
+        earned = worth.get(name, 0) if record["outcome"] == "passed" and not unmet else 0
+        message = (f"passed, not scored: it rests on {unmet[0]}, which did not pass" if record["outcome"] == "passed"
+                   and unmet else record["message"])
+        tests.append(gradescope_test(f"{label}: {name}", earned, worth.get(name, 0), message))
         score += earned
     if result.verdict == "portability":
         tests.append(gradescope_test(f"{label}: portability", 0, 0, result.first_failure))

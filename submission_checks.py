@@ -14,12 +14,17 @@ machine allows it (Linux, ``unshare``; as root also ``setpriv`` and a cgroup), i
 network, unable to see or signal other processes, with the file system read-only outside its
 folder and a cap on its processes: ``protections()`` says which hold here.
 
+The file cannot grade itself: the box only answers each check's probe with data, on inputs the
+contract drew in the grader's process from a seed drawn afresh, and the contract judges those
+answers in a process that never imports the file (contract_probes.py).
+
     python submission_checks.py --enter-box CONFIG   (the box's first step, started by run_box)
 """
 
 import functools
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -34,11 +39,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent
 VERDICTS = ("pass", "portability", "fail", "error", "timeout", "memory", "missing")
 PARTS = {  # part -> (file checked, its contract, the variable naming the file, files the contract reads)
-    "A": ("vae.py", "A3_PartA/vae_contract.py", "A3_VAE", ("A3_PartA/a3_helper.py", "A3_PartA/contract_check.py")),
+    "A": ("vae.py", "A3_PartA/vae_contract.py", "A3_VAE",
+          ("A3_PartA/a3_helper.py", "A3_PartA/contract_check.py", "A3_PartA/contract_probes.py")),
     "B": ("diffusion.py", "A3_PartB/diffusion_contract.py", "A3_DIFFUSION",
-          ("A3_PartB/diffusion_reference.py", "A3_PartB/simulated_devices.py", "A3_PartB/contract_check.py")),
+          ("A3_PartB/diffusion_reference.py", "A3_PartB/simulated_devices.py", "A3_PartB/contract_check.py",
+           "A3_PartB/contract_probes.py")),
 }
-CONTRACT_CHECK = REPO_ROOT / "A3_PartA" / "contract_check.py"  # A3_PartB holds the same file
+SHARED = REPO_ROOT / "A3_PartA"  # contract_check.py and contract_probes.py, the same in A3_PartB
 MEMORY_SIGNS = ("MemoryError", "not enough memory", "Cannot allocate memory", "bad_alloc", "out of memory")
 FILE_SIZE_SIGNS = ("File too large",)
 PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
@@ -47,10 +54,11 @@ MiB = 2 ** 20
 
 
 @functools.cache
-def contract_check():
-    """contract_check.py, whose reading of a finished run's records this judge shares with the
-    notebooks' check; loaded in the grader's process only (a box holds one part's copy)."""
-    spec = spec_from_file_location("contract_check", CONTRACT_CHECK)
+def shared(name):
+    """contract_check.py (whose reading of a finished run's records this judge shares with the
+    notebooks' check) or contract_probes.py, loaded in the grader's process only (a box holds
+    one part's copy)."""
+    spec = spec_from_file_location(name, SHARED / f"{name}.py")
     module = module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -147,18 +155,25 @@ def pids_cgroup_works():
 
 
 def check_file(part, path, shown_as, limits=Limits(), protected=None):
-    """The Result of part's contract on the file at ``path`` (``shown_as`` in messages)."""
+    """The Result of part's contract on the file at ``path`` (``shown_as`` in messages).
+
+    The file never runs in this process or in one that judges it (contract_probes.py): the
+    contract draws each check's inputs here, from a seed drawn afresh; the box answers each
+    check's probe; the contract judges the answers here, read as data only."""
     if not Path(path).is_file():
         return Result(part, shown_as, "missing", first_failure=f"no {PARTS[part][0]} found")
     protected = protections(limits) if protected is None else protected
     box = Path(tempfile.mkdtemp(prefix="a3_box_"))
     cgroup = make_pids_cgroup(limits) if protected["process count"] else None
     try:
-        config = prepare_box(box, part, Path(path), limits, protected, cgroup)
+        exchange, seed = box / "exchange", secrets.randbelow(2 ** 31)
+        questions = draw_inputs(part, exchange, seed)
+        config = prepare_box(box, part, Path(path), limits, protected, cgroup, exchange / "inputs")
         started = time.monotonic()
         returncode, timed_out = run_box(box, config, limits, protected, cgroup)
         seconds = round(time.monotonic() - started, 1)
-        records = read_records(box / "home" / "results.jsonl", box)
+        finished = take_answers(box, exchange / "answers", questions)
+        records = judged_records(part, exchange, seed, finished)
         log_tail = tail(box / "output.log").replace(str(box), "<box>")
         return judge(part, shown_as, records, returncode, timed_out, log_tail, limits, seconds)
     finally:
@@ -166,11 +181,61 @@ def check_file(part, path, shown_as, limits=Limits(), protected=None):
         remove_tree(box)
 
 
-def prepare_box(box, part, path, limits, protected, cgroup):
-    """Copy the contract, what it reads and the student's file, with the .py files beside it, into
-    ``box``/check (read-only inside the box where the file system is), make ``box``/home; return
-    the box's settings."""
-    file_name, contract, variable, support = PARTS[part]
+def grading_phase(part, phase, exchange, seed):
+    """The records of part's contract run in this grading ``phase`` ("inputs" or "judge"), in a
+    process of the grader's own that never imports the file under test."""
+    contract = REPO_ROOT / PARTS[part][1]
+    records = exchange / f"{phase}.jsonl"
+    run = subprocess.run([sys.executable, str(contract.parent / "contract_check.py"), phase, str(contract),
+                          str(exchange), str(seed), str(records)], cwd=contract.parent, capture_output=True, text=True)
+    found = read_records(records, exchange)
+    if run.returncode not in (0, 1) or not any("done" in record for record in found):
+        raise RuntimeError(f"the {phase} phase of {contract.name} did not finish:\n{run.stdout[-3000:]}{run.stderr[-3000:]}")
+    return found
+
+
+def draw_inputs(part, exchange, seed):
+    """Save each check's inputs, drawn from ``seed``, under ``exchange``/inputs: their file names."""
+    (exchange / "inputs").mkdir(parents=True)
+    drawn = shared("contract_probes").INPUTS_DRAWN
+    unexpected = [record for record in grading_phase(part, "inputs", exchange, seed)
+                  if "test" in record and record["message"] != drawn]
+    if unexpected:
+        raise RuntimeError(f"checks of part {part} ended before drawing their inputs: {unexpected[:3]}")
+    return sorted(path.name for path in (exchange / "inputs").glob("*.pt"))
+
+
+def take_answers(box, answers, questions):
+    """Copy the box's answers to ``questions`` (and the one saying the file did not import) into
+    ``answers``: regular files only, at their own place in the box, nothing else of it. Whether
+    the box answered them all (or the import's failure, which ends its run)."""
+    answers.mkdir()
+    given = box.resolve() / "home" / "answers"
+    import_answer = f"{shared('contract_probes').IMPORT_ANSWER}.pt"
+    for name in (*questions, import_answer):
+        path = box / "home" / "answers" / name
+        if path.resolve() == given / name and path.is_file() and not path.is_symlink():
+            shutil.copyfile(path, answers / name)
+    return (answers / import_answer).is_file() or all((answers / name).is_file() for name in questions)
+
+
+def judged_records(part, exchange, seed, finished):
+    """The records of the judge phase: one per check the box answered, then ``{"done": True}``
+    if it answered them all, else ``{"running": the first check it did not answer}`` where it
+    answered some (one that answered none stopped on importing the file)."""
+    not_answered = shared("contract_probes").NOT_ANSWERED
+    records = grading_phase(part, "judge", exchange, seed)
+    kept = [record for record in records if "done" not in record and record.get("message") != not_answered]
+    skipped = [record["test"] for record in records if record.get("message") == not_answered]
+    running = [{"running": skipped[0]}] if skipped and any("test" in record for record in kept) else []
+    return kept + ([{"done": True}] if finished else running)
+
+
+def prepare_box(box, part, path, limits, protected, cgroup, inputs):
+    """Copy the contract, what it reads, the checks' ``inputs`` and the student's file, with the
+    .py files beside it, into ``box``/check (read-only inside the box where the file system is),
+    make ``box``/home; return the box's settings."""
+    file_name, contract, _, support = PARTS[part]
     check = box / "check"
     for relative in (contract, *support):
         (check / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -182,9 +247,10 @@ def prepare_box(box, part, path, limits, protected, cgroup):
         if sibling.is_file() and not sibling.is_symlink() and sibling.stat().st_size <= SIBLING_BYTES:
             shutil.copy(sibling, check / "submission" / sibling.name)
     shutil.copy(path, check / "submission" / file_name)
+    shutil.copytree(inputs, check / "inputs")
     (box / "home" / "tmp").mkdir(parents=True)
-    config = {"contract": str(check / contract), "variable": variable, "file": str(check / "submission" / file_name),
-              "home": str(box / "home"), "limits": vars(limits), "read_only": bool(protected["file system"]),
+    config = {"contract": str(check / contract), "file": str(check / "submission" / file_name),
+              "inputs": str(check / "inputs"), "answers": str(box / "home" / "answers"), "home": str(box / "home"), "limits": vars(limits), "read_only": bool(protected["file system"]),
               "cgroup": str(cgroup) if cgroup else None, "hidden": folders_to_hide(box),
               "python": sorted(python_folders())}
     (check / "config.json").write_text(json.dumps(config))
@@ -294,8 +360,8 @@ def remove_tree(folder):
 
 
 def read_records(path, box):
-    """The records the box's Recorder wrote, one JSON object a line (a cut last line dropped),
-    the box's own path written ``<box>`` in them."""
+    """The records a Recorder wrote, one JSON object a line (a cut last line dropped), the
+    folder ``box`` written ``<box>`` in them."""
     if not path.is_file():
         return []
     records = []
@@ -331,7 +397,7 @@ def verdict(returncode, timed_out, records, failures, log_tail, limits):
     """(verdict, its cause in one line). A signal that ended the box's contract comes as the
     return code 128 + its number."""
     finished = any("done" in record for record in records)
-    running = f" (running {records[-1].get('test', '')}...)" if records and not finished else ""
+    running = "".join(f" (running {record['running']}...)" for record in records if "running" in record)
     causes = [failure["message"] for failure in failures] + ([] if finished else [last_line(log_tail)])
     if timed_out or returncode == 128 + getattr(signal, "SIGXCPU", -128):  # POSIX only, as SIGXFSZ
         used = f"{limits.seconds:g} s" if timed_out else f"{limits.cpu_seconds} s of CPU time"
@@ -342,7 +408,7 @@ def verdict(returncode, timed_out, records, failures, log_tail, limits):
         return "memory", f"ran out of memory (limit {limits.memory_bytes / 2 ** 30:g} GiB): {first_with_memory(causes)}"
     if not finished:
         return "error", f"stopped before its checks finished ({how_it_ended(returncode)}){running}: {last_line(log_tail)}"
-    verdict_name, _, _, cause = contract_check().finished_verdict(records)
+    verdict_name, _, _, cause = shared("contract_check").finished_verdict(records)
     return verdict_name, cause
 
 
@@ -368,7 +434,7 @@ def last_line(text):
 
 def enter_box(config_path):
     """The child's first step: join the cgroup, make the file system read-only outside home, set
-    the limits, then run the contract in a child of its own, without any capability where the
+    the limits, then answer the probes in a child of its own, without any capability where the
     file system is read-only. Exit as that child did, a signal that ended it as 128 + its number
     (``unshare`` hides signals, and so reports them)."""
     config = json.loads(Path(config_path).read_text())
@@ -381,7 +447,7 @@ def enter_box(config_path):
         set_limits(config["limits"])
     without_capabilities = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--"]
     contract = subprocess.run([*(without_capabilities if config["read_only"] else []),
-                               sys.executable, __file__, "--run-contract", config_path])
+                               sys.executable, __file__, "--answer-probes", config_path])
     sys.exit(exit_status(contract.returncode))
 
 
@@ -434,18 +500,17 @@ def mounts():
     return found
 
 
-def run_contract(config):
-    """Run the contract on the file, its records going to home/results.jsonl line by line."""
+def answer_probes(config):
+    """Answer each check's probe on the file, one file of data per check in home/answers."""
     sys.path.insert(0, str(Path(config["contract"]).parent))
-    from contract_check import run_contract as run
+    from contract_probes import answer_probes as answer
 
-    with open(Path(config["home"]) / "results.jsonl", "w", buffering=1) as stream:
-        run(config["contract"], config["variable"], config["file"], stream)
+    answer(config["contract"], config["file"], Path(config["inputs"]), Path(config["answers"]))
 
 
 if __name__ == "__main__":
     step, config_file = sys.argv[1:3]
     if step == "--enter-box":
         enter_box(config_file)
-    elif step == "--run-contract":
-        run_contract(json.loads(Path(config_file).read_text()))
+    elif step == "--answer-probes":
+        answer_probes(json.loads(Path(config_file).read_text()))

@@ -15,9 +15,16 @@ decoder or ``forward`` shapes the images are the student's choice. Values are co
 round-off against references written here with ``torch.distributions``, and a failure names the
 equation of variational_autoencoders.ipynb with the numbers. The notebook's ``train_vae`` and
 ``show_images`` are this package's A3_PartA/a3_helper.py, run with the file under test as ``vae``.
+
+Each check hands its inputs to one probe (``probe_*``: it calls the file and returns data) and
+judges the answer, so that a grader runs the file in its box and judges in a process that never
+imports it (contract_probes.py). The checks of training rest on what the box observed (the
+losses a3_helper's train_vae reports): a grader scores them only when the checks they rest on pass.
 """
 
 import contextlib
+import functools
+import io
 import math
 import os
 import sys
@@ -29,6 +36,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.distributions import Bernoulli, Normal, kl_divergence
+
+from contract_probes import rests_on, runner, seeded
 
 matplotlib.use("Agg")  # show_images draws without a display
 
@@ -49,12 +58,23 @@ def under_test():
     path = Path(os.environ.get("A3_VAE") or DEFAULT_FILE).resolve()
     if not path.is_file():
         pytest.fail(f"A3_VAE={path} is not a file; set it to your vae.py", pytrace=False)
+    return load_under_test(path)
+
+
+def load_under_test(path):
+    """The vae.py at ``path``, run as a module with its folder importable."""
     with beside(path):
         return run_as_module("vae_under_contract", path)
 
 
-@pytest.fixture(scope="module")
-def helper(under_test):
+@pytest.fixture
+def run(request):
+    """``run(probe, **inputs)``: the probe's answer on the file under test (contract_probes.py)."""
+    return runner(request)
+
+
+@functools.cache
+def helper_for(under_test):
     """a3_helper.py importing the file under test as ``vae``, as it does next to it in the notebook,
     training on the CPU on every machine. On a GPU, a mistake that trips a CUDA kernel's assert
     (BCE of an x_hat outside [0, 1], from a decoder without its sigmoid) breaks the CUDA context
@@ -102,9 +122,9 @@ class Kind:
     def __repr__(self):
         return self.name
 
-    def build(self, under_test, latent_size=LATENT):
-        """The model with the notebook's keywords, its weights fixed by one seed."""
-        torch.manual_seed(0)
+    def build(self, under_test, latent_size=LATENT, seed=0):
+        """The model with the notebook's keywords, its weights fixed by ``seed``."""
+        torch.manual_seed(seed)
         if self.conditional:
             return under_test.CVAE(input_size=INPUT_SIZE, num_classes=CLASSES, latent_size=latent_size)
         return under_test.VAE(input_size=INPUT_SIZE, latent_size=latent_size)
@@ -119,6 +139,7 @@ class Kind:
 
 
 KINDS = [Kind("VAE"), Kind("CVAE")]
+KIND = {kind.name: kind for kind in KINDS}
 
 
 def decode(model, codes):
@@ -130,21 +151,25 @@ def decode(model, codes):
                     f"(the CVAE's are [z, c]: latent_size + num_classes values): {error}", pytrace=False)
 
 
+def generator(seed):
+    """A generator of its own, fixed by ``seed`` (offset afresh for each grading)."""
+    return torch.Generator().manual_seed(seeded(seed))
+
+
 def images(batch, seed):
     """Gray levels in [0, 1), fixed by ``seed``."""
-    return torch.rand(batch, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+    return torch.rand(batch, 1, 28, 28, generator=generator(seed))
 
 
 def classes(batch, seed):
     """One-hot classes (batch, 10), fixed by ``seed``."""
-    labels = torch.randint(0, CLASSES, (batch,), generator=torch.Generator().manual_seed(seed))
-    return F.one_hot(labels, CLASSES).float()
+    return F.one_hot(torch.randint(0, CLASSES, (batch,), generator=generator(seed)), CLASSES).float()
 
 
 def latent_statistics(batch, seed):
     """mu and logvar (batch, Z) of both signs, fixed by ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, LATENT, generator=generator), torch.randn(batch, LATENT, generator=generator)
+    drawn = generator(seed)
+    return torch.randn(batch, LATENT, generator=drawn), torch.randn(batch, LATENT, generator=drawn)
 
 
 def per_image(tensor):
@@ -174,12 +199,88 @@ def assert_close(what, actual, expected, *, rtol=RTOL, atol=ATOL):
         f"(tolerance {rtol:g} relative, {atol:g} absolute)", pytrace=False)
 
 
+def loss_value(under_test, x_hat, x, mu, logvar):
+    loss = under_test.loss_function(x_hat, x, mu, logvar)
+    assert loss.numel() == 1, f"loss_function returned shape {tuple(loss.shape)}, not one number"
+    return loss.reshape(())
+
+
+# ---- the probes: each calls the file under test and returns only data
+
+
+def probe_hello(under_test):
+    """What hello_vae() prints."""
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        under_test.hello_vae()
+    return printed.getvalue()
+
+
+def probe_forwards(under_test, kind, batches, latent_size=LATENT, weights_seed=0, draw_seed=0):
+    """(x_hat, mu, logvar) of one model of ``kind`` on each (x, c) of ``batches``, its weights
+    fixed by ``weights_seed``, after torch.manual_seed(draw_seed)."""
+    model = KIND[kind].build(under_test, latent_size, weights_seed)
+    torch.manual_seed(draw_seed)
+    return [KIND[kind].forward(model, x, c) for x, c in batches]
+
+
+def probe_forward_then_decoder(under_test, kind, x, c, weights_seed, draw_seed):
+    """forward(x[, c]) after torch.manual_seed(draw_seed); then the decoder on the z of eq. (2)
+    that forward's mu and logvar give under the same seed: {"forward", "decoded"}."""
+    model = KIND[kind].build(under_test, seed=weights_seed)
+    torch.manual_seed(draw_seed)
+    x_hat, mu, logvar = KIND[kind].forward(model, x, c)
+    torch.manual_seed(draw_seed)
+    z = Normal(mu, torch.exp(0.5 * logvar)).rsample()
+    return {"forward": (x_hat, mu, logvar), "decoded": decode(model, KIND[kind].decoder_input(z, c))}
+
+
+def probe_decoder(under_test, kind, codes, weights_seed):
+    """model.decoder(codes) of a model of ``kind``, and the size of the grid show_images draws of
+    it."""
+    with torch.no_grad():
+        generated = decode(KIND[kind].build(under_test, seed=weights_seed), codes)
+    figure = helper_for(under_test).show_images(generated)
+    grid = figure.axes[0].images[0].get_array()
+    matplotlib.pyplot.close(figure)
+    return {"generated": generated, "grid": list(grid.shape)}
+
+
+def probe_reparametrize(under_test, mu, logvar, seed):
+    torch.manual_seed(seed)
+    return under_test.reparametrize(mu, logvar)
+
+
+def probe_reparametrize_gradients(under_test, mu, logvar, seed):
+    """Whether z = reparametrize(mu, logvar) (after torch.manual_seed(seed)) is in the graph, and
+    the gradients of z.sum() with respect to mu and logvar."""
+    mu, logvar = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
+    torch.manual_seed(seed)
+    z = under_test.reparametrize(mu, logvar)
+    if not z.requires_grad:
+        return {"in_graph": False}
+    z.sum().backward()
+    return {"in_graph": True, "mu": mu.grad, "logvar": logvar.grad}
+
+
+def probe_losses(under_test, cases):
+    """loss_function(x_hat, x, mu, logvar) for each case, each one number."""
+    return [loss_value(under_test, *case) for case in cases]
+
+
+def probe_training(under_test, kind, batch, labels, weights_seed, seed, epochs):
+    """a3_helper's train_vae, as the notebook calls it, for ``epochs`` epochs on one batch:
+    the loss it reports each epoch."""
+    model = KIND[kind].build(under_test, seed=weights_seed)
+    torch.manual_seed(seed)
+    helper = helper_for(under_test)
+    return [helper.train_vae(epoch, model, [(batch, labels)], cond=KIND[kind].conditional) for epoch in range(epochs)]
+
+
 # ---- the notebook's first calls
 
 
-def test_hello_vae_prints_a_greeting(under_test, capsys):
-    under_test.hello_vae()
-    assert capsys.readouterr().out.strip(), "hello_vae() printed nothing"
+def test_hello_vae_prints_a_greeting(run):
+    assert run(probe_hello).strip(), "hello_vae() printed nothing"
 
 
 # ---- the models' forward pass
@@ -187,28 +288,35 @@ def test_hello_vae_prints_a_greeting(under_test, capsys):
 
 @pytest.mark.parametrize("latent", [LATENT, 4])
 @pytest.mark.parametrize("kind", KINDS, ids=repr)
-def test_forward_returns_x_hat_n_1_28_28_and_mu_logvar_n_z(under_test, kind, latent):
+def test_forward_returns_x_hat_n_1_28_28_and_mu_logvar_n_z(run, kind, latent):
     """x_hat is shaped like the images; mu and log sigma^2 hold latent_size values per image."""
-    x_hat, mu, logvar = kind.forward(kind.build(under_test, latent), images(BATCH, 1), classes(BATCH, 2))
+    [(x_hat, mu, logvar)] = run(probe_forwards, kind=kind.name, batches=[(images(BATCH, 1), classes(BATCH, 2))],
+                                latent_size=latent, weights_seed=seeded(0))
     shapes = tuple(tuple(tensor.shape) for tensor in (x_hat, mu, logvar))
     assert shapes == ((BATCH, 1, 28, 28), (BATCH, latent), (BATCH, latent)), (
         f"{kind}(latent_size={latent}).forward on {BATCH} images gave x_hat, mu, logvar of shapes "
         f"{shapes}; expected {(BATCH, 1, 28, 28)}, {(BATCH, latent)}, {(BATCH, latent)}")
 
 
+def forward_on(run, kind, x, c):
+    """(x_hat, mu, logvar) of a model of ``kind`` on ``x`` (and ``c``)."""
+    [outputs] = run(probe_forwards, kind=kind.name, batches=[(x, c)], weights_seed=seeded(0))
+    return outputs
+
+
 @pytest.mark.parametrize("kind", KINDS, ids=repr)
-def test_x_hat_is_one_bernoulli_probability_per_pixel(under_test, kind):
+def test_x_hat_is_one_bernoulli_probability_per_pixel(run, kind):
     """The decoder ends in a Sigmoid: every x_hat_i lies in [0, 1], the p(x|z) of eq. (1)."""
-    x_hat, _, _ = kind.forward(kind.build(under_test), images(16, 3), classes(16, 4))
+    x_hat, _, _ = forward_on(run, kind, images(16, 3), classes(16, 4))
     low, high = x_hat.min().item(), x_hat.max().item()
     assert 0 <= low and high <= 1, f"{kind}'s x_hat spans [{low:.4g}, {high:.4g}], not [0, 1]"
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=repr)
-def test_encoder_gives_mu_of_either_sign_and_logvar_below_zero(under_test, kind):
+def test_encoder_gives_mu_of_either_sign_and_logvar_below_zero(run, kind):
     """The heads are plain Linear layers: mu is any real number and so is logvar = log sigma^2,
     negative where sigma < 1 (nothing after the heads, no ReLU, no BatchNorm)."""
-    _, mu, logvar = kind.forward(kind.build(under_test), images(16, 5), classes(16, 6))
+    _, mu, logvar = forward_on(run, kind, images(16, 5), classes(16, 6))
     spans = {name: (value.min().item(), value.max().item()) for name, value in (("mu", mu), ("logvar", logvar))}
     if not spans["mu"][0] < 0 < spans["mu"][1] or not spans["logvar"][0] < 0:
         pytest.fail(f"{kind}'s encoder gave mu in [{spans['mu'][0]:.4g}, {spans['mu'][1]:.4g}] and logvar in "
@@ -218,50 +326,44 @@ def test_encoder_gives_mu_of_either_sign_and_logvar_below_zero(under_test, kind)
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=repr)
-def test_encoder_encodes_each_image_on_its_own(under_test, kind):
+def test_encoder_encodes_each_image_on_its_own(run, kind):
     """q(z|x) is a function of x (and c) alone: an image's mu and logvar do not depend on the
     other images of its batch (no BatchNorm)."""
-    model = kind.build(under_test)
     x, c = images(6, 7), classes(6, 8)
-    _, *together = kind.forward(model, x, c)
-    _, *first_alone = kind.forward(model, torch.cat([x[:1], images(5, 9)]), torch.cat([c[:1], classes(5, 10)]))
-    for name, in_batch, alone in zip(("mu", "logvar"), together, first_alone):
-        assert_close(f"{kind}'s {name} of an image, encoded again among other images", in_batch[0], alone[0],
+    alone = (torch.cat([x[:1], images(5, 9)]), torch.cat([c[:1], classes(5, 10)]))
+    (_, *together), (_, *first_alone) = run(probe_forwards, kind=kind.name, batches=[(x, c), alone],
+                                            weights_seed=seeded(0))
+    for name, in_batch, apart in zip(("mu", "logvar"), together, first_alone):
+        assert_close(f"{kind}'s {name} of an image, encoded again among other images", in_batch[0], apart[0],
                      rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=repr)
-def test_forward_decodes_z_drawn_by_reparametrize(under_test, kind):
+def test_forward_decodes_z_drawn_by_reparametrize(run, kind):
     """x_hat = decoder(z) with z = mu + sigma eps (eq. (2)); the CVAE's decoder reads [z, c]
     (eq. (5)). Seen under one seed: x_hat equals the decoder on the z drawn from forward's mu,
     logvar and the same eps."""
-    model = kind.build(under_test)
-    x, c = images(BATCH, 11), classes(BATCH, 12)
-    torch.manual_seed(13)
-    x_hat, mu, logvar = kind.forward(model, x, c)
-    torch.manual_seed(13)
-    z = Normal(mu, torch.exp(0.5 * logvar)).rsample()
-    expected = decode(model, kind.decoder_input(z, c))
+    answer = run(probe_forward_then_decoder, kind=kind.name, x=images(BATCH, 11), c=classes(BATCH, 12),
+                 weights_seed=seeded(0), draw_seed=seeded(13))
     label = "decoder([z, c])" if kind.conditional else "decoder(z)"
-    assert_close(f"{kind}'s x_hat = {label}, z of eq. (2)", per_image(x_hat), per_image(expected),
-                 rtol=1e-4, atol=1e-6)
+    assert_close(f"{kind}'s x_hat = {label}, z of eq. (2)", per_image(answer["forward"][0]),
+                 per_image(answer["decoded"]), rtol=1e-4, atol=1e-6)
 
 
-def test_cvae_encoder_reads_the_class(under_test):
+def test_cvae_encoder_reads_the_class(run):
     """eq. (5): q(z|x, c) sees [flatten(x), c], so the same image gets another mu with another class."""
-    model = KINDS[1].build(under_test)
     x, c = images(BATCH, 14), classes(BATCH, 15)
-    _, mu, _ = model(x, c)
-    _, mu_other, _ = model(x, c.roll(1, dims=1))
+    (_, mu, _), (_, mu_other, _) = run(probe_forwards, kind="CVAE", batches=[(x, c), (x, c.roll(1, dims=1))],
+                                       weights_seed=seeded(0))
     assert not torch.allclose(mu, mu_other), "CVAE's mu is the same whatever the class: the encoder ignores c"
 
 
-def test_cvae_decoder_draws_a_different_image_for_each_class_from_one_code(under_test):
+def test_cvae_decoder_draws_a_different_image_for_each_class_from_one_code(run):
     """eq. (5): p(x|z, c) reads [z, c]; the notebook decodes one code with each of the 10 classes."""
-    model = KINDS[1].build(under_test)
-    z = torch.randn(1, LATENT).expand(CLASSES, LATENT)
-    with torch.no_grad():
-        digits = per_image(decode(model, torch.cat([z, torch.eye(CLASSES)], dim=1)))
+    z = torch.randn(1, LATENT, generator=generator(29)).expand(CLASSES, LATENT)
+    generated = run(probe_decoder, kind="CVAE", codes=torch.cat([z, torch.eye(CLASSES)], dim=1),
+                    weights_seed=seeded(0))["generated"]
+    digits = per_image(generated)
     spread = (digits - digits.mean(dim=0)).abs().max().item()
     assert spread > 1e-4, f"CVAE's decoder gives one image for all 10 classes (spread {spread:.3g})"
 
@@ -269,39 +371,35 @@ def test_cvae_decoder_draws_a_different_image_for_each_class_from_one_code(under
 # ---- reparametrize, eq. (2)
 
 
-def test_reparametrize_is_mu_plus_sigma_times_one_standard_normal_draw_of_mu_shape(under_test):
+def test_reparametrize_is_mu_plus_sigma_times_one_standard_normal_draw_of_mu_shape(run):
     """eq. (2): z = mu + exp(logvar / 2) eps with eps ~ N(0, I) of mu's shape, drawn once: under
     one seed it equals Normal(mu, sigma).rsample(), as the notebook's check says."""
     mu, logvar = latent_statistics(5, seed=16)
-    torch.manual_seed(17)
-    z = under_test.reparametrize(mu, logvar)
-    torch.manual_seed(17)
+    z = run(probe_reparametrize, mu=mu, logvar=logvar, seed=seeded(17))
+    torch.manual_seed(seeded(17))
     expected = Normal(mu, torch.exp(0.5 * logvar)).rsample()
     assert_close("eq. (2) z = mu + sigma eps (eps drawn once, of mu's shape)", z, expected)
 
 
-def test_reparametrize_draws_with_mean_mu_and_variance_exp_logvar(under_test):
+def test_reparametrize_draws_with_mean_mu_and_variance_exp_logvar(run):
     """eq. (2): z ~ N(mu, diag exp(logvar)), seen in the moments of many draws."""
     draws = 200_000
     mu = torch.tensor([1.0, -2.0]).expand(draws, 2)
     variance = torch.tensor([0.25, 4.0])
-    torch.manual_seed(18)
-    z = under_test.reparametrize(mu, variance.log().expand(draws, 2))
+    z = run(probe_reparametrize, mu=mu, logvar=variance.log().expand(draws, 2), seed=seeded(18))
     assert_close("eq. (2) sample mean of z", z.mean(dim=0), mu[0], rtol=0, atol=0.02)
     assert_close("eq. (2) sample variance of z", z.var(dim=0), variance, rtol=0.02, atol=0)
 
 
-def test_reparametrize_passes_gradients_to_mu_and_logvar(under_test):
+def test_reparametrize_passes_gradients_to_mu_and_logvar(run):
     """The trick's point: dz/dmu = 1 and dz/dlogvar = sigma eps / 2."""
-    mu, logvar = (tensor.requires_grad_() for tensor in latent_statistics(6, seed=19))
-    torch.manual_seed(20)
-    z = under_test.reparametrize(mu, logvar)
-    assert z.requires_grad, "reparametrize's z is cut from the graph: no gradient reaches the encoder"
-    z.sum().backward()
-    torch.manual_seed(20)
+    mu, logvar = latent_statistics(6, seed=19)
+    answer = run(probe_reparametrize_gradients, mu=mu, logvar=logvar, seed=seeded(20))
+    assert answer["in_graph"], "reparametrize's z is cut from the graph: no gradient reaches the encoder"
+    torch.manual_seed(seeded(20))
     eps = torch.randn_like(mu)
-    assert_close("dz/dmu", mu.grad, torch.ones_like(mu))
-    assert_close("dz/dlogvar = sigma eps / 2", logvar.grad, 0.5 * torch.exp(0.5 * logvar.detach()) * eps)
+    assert_close("dz/dmu", answer["mu"], torch.ones_like(mu))
+    assert_close("dz/dlogvar = sigma eps / 2", answer["logvar"], 0.5 * torch.exp(0.5 * logvar) * eps)
 
 
 # ---- loss_function, eqs. (3) and (4)
@@ -321,39 +419,34 @@ def reconstructions(batch, seed):
     return images(batch, seed).clamp(0.01, 0.99), images(batch, seed + 1)
 
 
-def loss_value(under_test, x_hat, x, mu, logvar):
-    loss = under_test.loss_function(x_hat, x, mu, logvar)
-    assert loss.numel() == 1, f"loss_function returned shape {tuple(loss.shape)}, not one number"
-    return loss.reshape(())
-
-
-def test_loss_reconstruction_term_is_bce_summed_over_pixels_and_averaged_over_the_batch(under_test):
+def test_loss_reconstruction_term_is_bce_summed_over_pixels_and_averaged_over_the_batch(run):
     """eq. (4)'s first term with a posterior equal to the prior (KL = 0):
     -sum_i [x_i log x_hat_i + (1 - x_i) log(1 - x_hat_i)] per image, averaged over the N images."""
     x_hat, x = reconstructions(3, seed=21)
     zeros = torch.zeros(3, LATENT)
-    assert_close("eq. (4) BCE summed over pixels / N (with KL = 0)",
-                 loss_value(under_test, x_hat, x, zeros, zeros), negative_elbo(x_hat, x, zeros, zeros))
+    [loss] = run(probe_losses, cases=[(x_hat, x, zeros, zeros)])
+    assert_close("eq. (4) BCE summed over pixels / N (with KL = 0)", loss, negative_elbo(x_hat, x, zeros, zeros))
 
 
-def test_loss_kl_term_is_eq_3_summed_over_latent_dimensions_and_averaged_over_the_batch(under_test):
+def test_loss_kl_term_is_eq_3_summed_over_latent_dimensions_and_averaged_over_the_batch(run):
     """eq. (3): KL = -1/2 sum_j (1 + logvar_j - mu_j^2 - exp(logvar_j)) per image, averaged over the
     N images; seen as the loss minus the loss of the same images with the prior as posterior."""
     x_hat, x = reconstructions(3, seed=23)
     mu, logvar = latent_statistics(3, seed=25)
     zeros = torch.zeros_like(mu)
-    kl = loss_value(under_test, x_hat, x, mu, logvar).double() - loss_value(under_test, x_hat, x, zeros, zeros)
+    loss, prior_loss = run(probe_losses, cases=[(x_hat, x, mu, logvar), (x_hat, x, zeros, zeros)])
     expected = negative_elbo(x_hat, x, mu, logvar) - negative_elbo(x_hat, x, zeros, zeros)
-    assert_close("eq. (3) KL summed over latent dimensions / N", kl, expected, rtol=1e-4, atol=1e-3)
+    assert_close("eq. (3) KL summed over latent dimensions / N", loss.double() - prior_loss, expected,
+                 rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("batch", [1, BATCH])
-def test_loss_function_is_the_negative_elbo_of_eq_4(under_test, batch):
+def test_loss_function_is_the_negative_elbo_of_eq_4(run, batch):
     """eq. (4): the notebook's check, BCE plus KL of every image, divided by the batch size N."""
     x_hat, x = reconstructions(batch, seed=26)
     mu, logvar = latent_statistics(batch, seed=28)
-    assert_close(f"eq. (4) negative ELBO (N={batch})", loss_value(under_test, x_hat, x, mu, logvar),
-                 negative_elbo(x_hat, x, mu, logvar))
+    [loss] = run(probe_losses, cases=[(x_hat, x, mu, logvar)])
+    assert_close(f"eq. (4) negative ELBO (N={batch})", loss, negative_elbo(x_hat, x, mu, logvar))
 
 
 # ---- the notebook's generation and training cells
@@ -361,31 +454,28 @@ def test_loss_function_is_the_negative_elbo_of_eq_4(under_test, batch):
 
 def prior_codes(kind):
     """The notebook's codes: 10 draws of z ~ N(0, I), with the one-hot digits 0-9 for the CVAE."""
-    torch.manual_seed(30)
-    return kind.decoder_input(torch.randn(CLASSES, LATENT), torch.eye(CLASSES))
+    return kind.decoder_input(torch.randn(CLASSES, LATENT, generator=generator(30)), torch.eye(CLASSES))
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=repr)
-def test_decoder_turns_codes_from_the_prior_into_images_that_show_images_draws(under_test, helper, kind):
+def test_decoder_turns_codes_from_the_prior_into_images_that_show_images_draws(run, kind):
     """The notebook's generation cells: model.decoder(z) gives 10 images of 784 pixels in [0, 1],
     which show_images lays out in a 4 x 3 grid."""
-    with torch.no_grad():
-        generated = decode(kind.build(under_test), prior_codes(kind))
+    answer = run(probe_decoder, kind=kind.name, codes=prior_codes(kind), weights_seed=seeded(0))
+    generated = answer["generated"]
     assert per_image(generated).shape == (CLASSES, INPUT_SIZE), (
         f"{kind}'s decoder gave shape {tuple(generated.shape)} for 10 codes; expected 10 images of 784 pixels")
     assert 0 <= generated.min().item() and generated.max().item() <= 1, "the decoded images are not in [0, 1]"
-    figure = helper.show_images(generated)
-    grid = figure.axes[0].images[0].get_array()
-    matplotlib.pyplot.close(figure)
-    assert grid.shape == (3 * 30 + 2, 4 * 30 + 2)
+    assert tuple(answer["grid"]) == (3 * 30 + 2, 4 * 30 + 2)
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=repr)
-def test_train_vae_lowers_the_loss_on_a_tiny_batch(under_test, helper, kind, capsys):
+def test_train_vae_lowers_the_loss_on_a_tiny_batch(run, request, kind):
     """The notebook's training cells: train_vae(epoch, model, loader, cond) runs Adam on
     loss_function; eight epochs of one batch of 16 images lower it by more than round-off."""
-    torch.manual_seed(31)
-    batch = [((images(16, 32) < 0.2).float(), torch.randint(0, CLASSES, (16,)))]
-    model = kind.build(under_test)
-    losses = [helper.train_vae(epoch, model, batch, cond=kind.conditional) for epoch in range(8)]
+    rests_on(request, f"test_forward_returns_x_hat_n_1_28_28_and_mu_logvar_n_z[{kind}-{LATENT}]",
+             "test_loss_function_is_the_negative_elbo_of_eq_4")
+    losses = run(probe_training, kind=kind.name, batch=(images(16, 32) < 0.2).float(),
+                 labels=torch.randint(0, CLASSES, (16,), generator=generator(33)), weights_seed=seeded(0),
+                 seed=seeded(31), epochs=8)
     assert losses[-1] < 0.97 * losses[0], f"{kind}'s loss over eight epochs on one batch: {losses}"

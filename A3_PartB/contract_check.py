@@ -1,5 +1,6 @@
 """Run a part's contract on a file and say what it found: the notebook's check before training,
-and the records that make_submission.py and grade_submissions.py judge in their box.
+and the records of the phases in which make_submission.py and grade_submissions.py judge a file
+(contract_probes.py).
 
 A contract (vae_contract.py, diffusion_contract.py) is a pytest file that checks the file an
 environment variable names. Its verdict on a run that finished: ``error`` (the file does not
@@ -14,6 +15,7 @@ import contextlib
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 try:
@@ -47,7 +49,9 @@ class Recorder:
     def pytest_runtest_logreport(self, report):
         if report.when == "call" or (report.when == "setup" and not report.passed):
             outcome = "error" if report.when == "setup" and report.failed else report.outcome
-            self.write(test=report.nodeid.split("::")[-1], outcome=outcome, message=one_line(report))
+            rests_on = dict(report.user_properties).get("rests_on")
+            self.write(test=report.nodeid.split("::")[-1], outcome=outcome, message=one_line(report),
+                       **({"rests_on": list(rests_on)} if rests_on else {}))
 
     def pytest_collectreport(self, report):
         if report.failed:
@@ -77,12 +81,13 @@ def one_line(report):
     return first[:500]
 
 
-def run_contract(contract, variable, file, stream=None):
-    """Run the contract at ``contract`` on ``file`` (named to it by the environment ``variable``)
-    in this process: the Recorder's records. pytest runs alone, without the plugins installed
-    beside it (one would write its folders next to the contract) or its cache."""
+def run_contract(contract, variables, stream=None):
+    """Run the contract at ``contract`` in this process, the environment holding ``variables``
+    (the one naming the file under test, or a grading phase's: contract_probes.py): the
+    Recorder's records. pytest runs alone, without the plugins installed beside it (one would
+    write its folders next to the contract) or its cache."""
     recorder = Recorder(stream)
-    with environment({variable: str(file), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}):
+    with environment({**variables, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}):
         pytest.main([str(contract), "-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception",
                      "--rootdir", str(Path(contract).parent)], plugins=[recorder])
     return recorder.records
@@ -140,7 +145,7 @@ def check_before_training(contract, variable, file, train_anyway=False):
               "`%pip install pytest`, then this cell again.")
         return
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        records = run_contract(contract, variable, file)
+        records = run_contract(contract, {variable: str(file)})
     if any("done" in record for record in records):
         verdict, passed, total, cause = finished_verdict(records)
     else:
@@ -149,3 +154,17 @@ def check_before_training(contract, variable, file, train_anyway=False):
     if verdict in ("fail", "error") and not train_anyway:
         raise ContractFailed(f"{line}\n{TRAIN_ANYWAY_HINT}")
     print(line if verdict == "pass" else f"WARNING: {line}")
+
+
+def run_grading_phase(phase, contract, exchange, seed, records):
+    """One of a grading's phases in the grader's process (contract_probes.py): the contract run
+    with ``phase``, ``exchange`` and ``seed``, its records written to the file ``records``."""
+    from contract_probes import EXCHANGE, PHASE, SEED
+
+    with open(records, "w", buffering=1) as stream:
+        run_contract(contract, {PHASE: phase, EXCHANGE: str(exchange), SEED: str(seed)}, stream)
+
+
+if __name__ == "__main__":  # python contract_check.py PHASE CONTRACT EXCHANGE SEED RECORDS
+    run_grading_phase(*sys.argv[1:6])
+

@@ -23,6 +23,12 @@ on a machine without a GPU; then the file is judged on each device the trainer p
 (CUDA, Apple's MPS), simulated on the ``meta`` device, which every machine has, with CUDA's rule
 that an op's tensors share one device. A file that runs there but chooses its device itself
 instead of from its input gets a PortabilityWarning, not a failure (simulated_devices.py).
+
+Each check hands its inputs to one probe (``probe_*``: it calls the file and returns data) and
+judges the answer, so that a grader runs the file in its box and judges in a process that never
+imports it (contract_probes.py). Checks marked ``rests_on`` judge what the box observed beside
+the file's answers (the simulated device, the stub network's calls): a grader scores them only
+when the checks they rest on pass.
 """
 
 import importlib.util
@@ -37,6 +43,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from contract_probes import rests_on, runner, seeded
 from diffusion_reference import Handout, known_noise_prediction, StubNetwork
 from simulated_devices import (crash_on_device, DeviceMixing, first_failure_on_device, line_running, machine_with,
                                move_as_the_trainer_does, OneDevice, PortabilityWarning, SimulatedOnMeta)
@@ -59,8 +66,19 @@ def under_test():
     path = Path(os.environ.get("A3_DIFFUSION") or DEFAULT_FILE).resolve()
     if not path.is_file():
         pytest.fail(f"A3_DIFFUSION={path} is not a file; set it to your diffusion.py", pytrace=False)
+    return load_under_test(path)
+
+
+def load_under_test(path):
+    """The diffusion.py at ``path``, imported as on a machine without a GPU."""
     with machine_with("cpu"):
         return load_diffusion_file(path)
+
+
+@pytest.fixture
+def run(request):
+    """``run(probe, **inputs)``: the probe's answer on the file under test (contract_probes.py)."""
+    return runner(request)
 
 
 def load_diffusion_file(path):
@@ -79,14 +97,28 @@ def load_diffusion_file(path):
 HANDOUT = Handout(T)
 
 
-def make_diffusion(under_test, predict=known_noise_prediction, **settings):
+def prediction(spec):
+    """The stub network's epsilon_theta(x_t, t), named by ``spec`` so that it travels as data:
+    "known" (known_noise_prediction), a tensor (that epsilon whatever x_t), ("linear", a, b)
+    (a x_t + b) or "beyond" (-3 sign(x_t), pushing x0_hat beyond [-1, 1])."""
+    if isinstance(spec, torch.Tensor):
+        return lambda x, t: spec
+    if spec == "known":
+        return known_noise_prediction
+    if spec == "beyond":
+        return lambda x, t: -3 * x.sign()
+    _, scale, shift = spec
+    return lambda x, t: scale * x + shift
+
+
+def make_diffusion(under_test, predict="known", **settings):
     settings = {"image_size": SIZE, "channels": CHANNELS, "timesteps": T, **settings}
-    return under_test.Diffusion(StubNetwork(predict), **settings)
+    return under_test.Diffusion(StubNetwork(prediction(predict)), **settings)
 
 
 def images(batch, seed):
-    """Values in [-1, 1), fixed by ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
+    """Values in [-1, 1), fixed by ``seed`` (offset afresh for each grading)."""
+    generator = torch.Generator().manual_seed(seeded(seed))
     return torch.rand(batch, CHANNELS, SIZE, SIZE, generator=generator) * 2 - 1
 
 
@@ -100,17 +132,23 @@ def seeded_draws(seed):
     return lambda shape: torch.randn(shape, generator=generator)
 
 
+def noise_draws(spec):
+    """noise_like's replacement named by ``spec``: "zeros", "ones", or the int seeding
+    ``seeded_draws``."""
+    return {"zeros": torch.zeros, "ones": torch.ones}.get(spec) or seeded_draws(spec)
+
+
 def replace_noise(diffusion, draw):
     """Patch ``noise_like`` on the instance, as graders do: every draw becomes ``draw(shape)``."""
     diffusion.noise_like = lambda shape, device, *_args, **_kwargs: draw(tuple(shape)).to(device)
 
 
-def assert_rows_close(what, actual, expected, labels, *, atol=ATOL, draws=None):
+def assert_rows_close(what, actual, expected, labels, *, atol=ATOL, draws=""):
     """Fail unless |actual - expected| <= atol + RTOL |expected| everywhere.
 
     Row k of both tensors belongs to ``labels[k]`` (a time step, mostly); the message names
     ``what`` (the equation), the rows that are off and the worst one with its relative error,
-    and, when ``draws`` (a GlobalDraws) saw random numbers drawn outside noise_like, that cause.
+    and, where ``draws`` (GlobalDraws.places) names random numbers drawn outside noise_like, that cause.
     """
     actual = torch.as_tensor(actual).detach().double().cpu()
     expected = expected.double()
@@ -128,11 +166,12 @@ def assert_rows_close(what, actual, expected, labels, *, atol=ATOL, draws=None):
     wanted = expected.reshape(rows, -1)[worst_row, worst].item()
     off = [str(labels[k]) for k in range(rows) if ratio[k].max() > 1]
     where = ", ".join(off) if len(off) <= 6 else f"{len(off)} of {rows}, {off[0]} .. {off[-1]}"
+    cause = (f". Likely cause: random numbers drawn outside noise_like ({draws}), so the noise was not the test's"
+             if draws else "")
     pytest.fail(
         f"{what} is off at {where}. Worst at {labels[worst_row]}: got {got:.7g}, expected "
         f"{wanted:.7g}, relative error {error[worst_row, worst].item() / max(abs(wanted), atol):.3g} "
-        f"(tolerance {RTOL:g} relative, {atol:g} absolute){draws.likely_cause() if draws else ''}",
-        pytrace=False)
+        f"(tolerance {RTOL:g} relative, {atol:g} absolute){cause}", pytrace=False)
 
 
 def at_each_t(ts):
@@ -156,21 +195,8 @@ class GlobalDraws(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def places(self):
-        """Each op and line seen, once, in the order first seen."""
+        """Each op and line seen, once, in the order first seen ('' if none)."""
         return "; ".join(dict.fromkeys(self.seen))
-
-    def likely_cause(self):
-        """The sentence an equation's failure ends with when random numbers bypassed noise_like."""
-        if not self.seen:
-            return ""
-        return f". Likely cause: random numbers drawn outside noise_like ({self.places()}), so the noise was not the test's"
-
-
-@pytest.fixture
-def global_draws(under_test):
-    """A GlobalDraws active for the whole test."""
-    with GlobalDraws(under_test) as draws:
-        yield draws
 
 
 def schedule(under_test, timesteps, **settings):
@@ -185,36 +211,154 @@ def schedule(under_test, timesteps, **settings):
                 "of eq. (3)", pytrace=False)
 
 
+# ---- the probes: each calls the file under test and returns only data
+
+
+def probe_extract(under_test, values, t, shape):
+    return under_test.extract(values, t, shape)
+
+
+def probe_unnormalize(under_test, x):
+    return under_test.unnormalize_to_zero_to_one(x)
+
+
+def probe_cosine_schedule(under_test, timesteps, settings):
+    return schedule(under_test, timesteps, **settings)
+
+
+def probe_draws_outside_noise_like(under_test, method, x, global_seeds, noise_seed):
+    """``method`` called as the trainer and graders call it, noise_like drawing from
+    ``noise_seed``, once after each of torch's ``global_seeds``: its results and where it drew
+    from torch's global generator; None when the method requires ``noise``, so draws none."""
+    results, places = [], set()
+    for seed in global_seeds:
+        diffusion = make_diffusion(under_test)
+        replace_noise(diffusion, seeded_draws(noise_seed))
+        torch.manual_seed(seed)
+        with GlobalDraws(under_test) as draws:
+            result = call_drawing_noise(diffusion, method, x)
+        if result is None:
+            return None
+        results.append(result)
+        places.add(draws.places())
+    return {"results": results, "places": "; ".join(sorted(place for place in places if place))}
+
+
+def probe_settings(under_test, image_size, channels, timesteps):
+    network = StubNetwork(known_noise_prediction)
+    diffusion = under_test.Diffusion(network, image_size=image_size, channels=channels, timesteps=timesteps)
+    return {"keeps_network": diffusion.model is network,
+            "settings": [diffusion.image_size, diffusion.channels, diffusion.num_timesteps]}
+
+
+def probe_q_sample(under_test, x_0, t, noise):
+    return make_diffusion(under_test).q_sample(x_0, t, noise)
+
+
+def probe_q_sample_beside_the_schedule(under_test, x_0, t, noise):
+    return {"x_t": probe_q_sample(under_test, x_0, t, noise), "alphas": schedule(under_test, len(t))}
+
+
+def probe_p_losses_at_each_t(under_test, x_0, noise, ts):
+    diffusion = make_diffusion(under_test)
+    return torch.stack([diffusion.p_losses(x_0, steps(t, len(x_0)), noise).reshape(()) for t in ts])
+
+
+def probe_gradient_of_p_losses(under_test, x_0, noise, t):
+    """d p_losses / d(the stub network's one parameter), None where no gradient reaches it."""
+    diffusion = make_diffusion(under_test)
+    diffusion.p_losses(x_0, steps(t, len(x_0)), noise).backward()
+    return diffusion.model.gain.grad
+
+
+def probe_forward(under_test, x_0, noise, seed):
+    """forward(x_0, noise) after torch.manual_seed(seed): the loss and the steps t the network got."""
+    diffusion = make_diffusion(under_test)
+    torch.manual_seed(seed)
+    loss = diffusion(x_0, noise)
+    return {"loss": loss, "drawn": diffusion.model.calls[-1][1]}
+
+
+def probe_noise_like(under_test, shape, seed):
+    torch.manual_seed(seed)
+    return make_diffusion(under_test).noise_like(shape, torch.device("cpu"))
+
+
+def probe_p_sample(under_test, x, ts, cases):
+    """p_sample(x[k], t, t) for each t of ``ts``, for each (prediction, noise) of ``cases``
+    (``x`` holds one state per t): one row of results per case, and where torch's global
+    generator was drawn from."""
+    with GlobalDraws(under_test) as draws:
+        results = []
+        for predict, noise in cases:
+            diffusion = make_diffusion(under_test, predict)
+            replace_noise(diffusion, noise_draws(noise))
+            results.append(torch.stack([diffusion.p_sample(x[k], steps(t, x.shape[1]), t) for k, t in enumerate(ts)]))
+    return {"results": torch.stack(results), "places": draws.places()}
+
+
+def probe_p_sample_loop(under_test, x_T, predict, noise):
+    """p_sample_loop(x_T): the result, each (x_t, t) the network got, and where torch's global
+    generator was drawn from."""
+    diffusion = make_diffusion(under_test, predict)
+    replace_noise(diffusion, noise_draws(noise))
+    with GlobalDraws(under_test) as draws:
+        result = diffusion.p_sample_loop(x_T)
+    return {"result": result, "states": [x for x, _ in diffusion.model.calls],
+            "steps": [t for _, t in diffusion.model.calls], "places": draws.places()}
+
+
+def probe_sample(under_test, batch_size, settings, noise, seed):
+    """sample(batch_size) after torch.manual_seed(seed), noise_like replaced where ``noise``
+    names a replacement (None: the file's own): the result and where torch's global generator
+    was drawn from."""
+    diffusion = make_diffusion(under_test, **settings)
+    if noise is not None:
+        replace_noise(diffusion, noise_draws(noise))
+    torch.manual_seed(seed)
+    with GlobalDraws(under_test) as draws:
+        result = diffusion.sample(batch_size)
+    return {"result": result, "places": draws.places()}
+
+
 # ---- module functions
 
 
-def test_extract_picks_one_entry_per_sample_shaped_to_broadcast(under_test):
-    picked = under_test.extract(torch.tensor([10.0, 20.0, 30.0, 40.0]), torch.tensor([3, 0, 2]),
-                                (3, CHANNELS, SIZE, SIZE))
+def uniform(count, seed):
+    """``count`` values in [0, 1), fixed by ``seed`` (offset afresh for each grading)."""
+    return torch.rand(count, generator=torch.Generator().manual_seed(seeded(seed)))
+
+
+def test_extract_picks_one_entry_per_sample_shaped_to_broadcast(run):
+    values = uniform(4, seed=50)
+    t = torch.randperm(4, generator=torch.Generator().manual_seed(seeded(51)))[:3]
+    picked = run(probe_extract, values=values, t=t, shape=(3, CHANNELS, SIZE, SIZE))
     assert tuple(picked.shape) == (3, 1, 1, 1)
-    assert picked.flatten().tolist() == [40.0, 10.0, 30.0]
+    assert picked.flatten().tolist() == values[t].tolist()
 
 
-def test_unnormalize_maps_minus_one_to_one_onto_zero_to_one(under_test):
-    unnormalized = under_test.unnormalize_to_zero_to_one(torch.tensor([-1.0, -0.5, 0.0, 1.0]))
-    assert unnormalized.tolist() == [0.0, 0.25, 0.5, 1.0]
+def test_unnormalize_maps_minus_one_to_one_onto_zero_to_one(run):
+    x = torch.cat([torch.tensor([-1.0, -0.5, 0.0, 1.0]), uniform(6, seed=52) * 2 - 1])
+    unnormalized = run(probe_unnormalize, x=x)
+    assert unnormalized[:4].tolist() == [0.0, 0.25, 0.5, 1.0]
+    assert torch.allclose(unnormalized, (x + 1) / 2, rtol=0, atol=1e-7), f"{unnormalized.tolist()} for {x.tolist()}"
 
 
 @pytest.mark.parametrize("timesteps, s, atol", [(10, 0.008, ATOL), (T, 0.008, ATOL), (T, 0.1, ATOL),
                                                 (1000, 0.008, 1e-4)])
-def test_cosine_schedule_is_eq_3(under_test, timesteps, s, atol):
+def test_cosine_schedule_is_eq_3(run, timesteps, s, atol):
     """eq. (3): alpha_t = clip(abar(t) / abar(t-1), 0.001, 1), abar(t) = f(t) / f(0).
 
     With T = 1000, float32 keeps only about 4 digits of f near t = T, where the cosine is
     near 0: there the graders' absolute 1e-4 applies."""
-    alphas = schedule(under_test, timesteps, s=s)
+    alphas = run(probe_cosine_schedule, timesteps=timesteps, settings={"s": s})
     assert_rows_close(f"eq. (3) alpha_t (T={timesteps}, s={s})", alphas,
                       Handout(timesteps, s).alpha, at_each_t(range(timesteps)), atol=atol)
 
 
-def test_cosine_schedule_clips_alphas_to_between_0_001_and_1(under_test):
+def test_cosine_schedule_clips_alphas_to_between_0_001_and_1(run):
     """eq. (3)'s clip: abar(T) / abar(T-1) is about 0, so the last alpha is clipped up to 0.001."""
-    alphas = schedule(under_test, T).double()
+    alphas = run(probe_cosine_schedule, timesteps=T, settings={}).double()
     assert alphas[-1].item() == pytest.approx(0.001, rel=RTOL)
     assert alphas.min().item() >= 0.001 * (1 - RTOL) and alphas.max().item() <= 1
 
@@ -222,15 +366,14 @@ def test_cosine_schedule_clips_alphas_to_between_0_001_and_1(under_test):
 # ---- randomness: graders replace noise_like, so every draw must go through it
 
 
-def call_drawing_noise(diffusion, method):
-    """Call ``method`` of the skeleton as the trainer and the graders do, leaving ``noise`` out
-    where the file allows it; None when the method requires ``noise``, so draws none."""
-    x = images(BATCH, seed=40)
-    calls = {"p_sample": lambda: diffusion.p_sample(x, steps(T // 2), T // 2),
+def call_drawing_noise(diffusion, method, x):
+    """Call ``method`` of the skeleton on ``x`` as the trainer and the graders do, leaving
+    ``noise`` out where the file allows it; None when the method requires ``noise``, so draws none."""
+    calls = {"p_sample": lambda: diffusion.p_sample(x, steps(T // 2, len(x)), T // 2),
              "p_sample_loop": lambda: diffusion.p_sample_loop(x),
-             "sample": lambda: diffusion.sample(BATCH),
-             "q_sample": lambda: diffusion.q_sample(x, steps(T // 2)),
-             "p_losses": lambda: diffusion.p_losses(x, steps(T // 2))}
+             "sample": lambda: diffusion.sample(len(x)),
+             "q_sample": lambda: diffusion.q_sample(x, steps(T // 2, len(x))),
+             "p_losses": lambda: diffusion.p_losses(x, steps(T // 2, len(x)))}
     noise = inspect.signature(getattr(diffusion, method)).parameters.get("noise")
     if noise is not None and noise.default is inspect.Parameter.empty:
         return None
@@ -238,55 +381,58 @@ def call_drawing_noise(diffusion, method):
 
 
 @pytest.mark.parametrize("method", ["p_sample", "p_sample_loop", "sample", "q_sample", "p_losses"])
-def test_every_random_draw_goes_through_noise_like(under_test, method):
+def test_every_random_draw_goes_through_noise_like(run, method):
     """The skeleton: all noise is drawn through noise_like, so graders can replace it; a draw
     from torch's global generator (torch.randn, randn_like, ...) makes every check of the equations that
-    follow compare against noise the method did not use. q_sample and p_losses are checked
-    where noise may be left out."""
-    diffusion = make_diffusion(under_test)
-    replace_noise(diffusion, seeded_draws(41))
-    with GlobalDraws(under_test) as draws:
-        if call_drawing_noise(diffusion, method) is None:
-            pytest.skip(f"{method} requires noise, so draws none")
-    if draws.seen:
-        pytest.fail(f"{method} drew random numbers outside self.noise_like: {draws.places()}. "
-                    "Draw them with self.noise_like(shape, device): graders replace it", pytrace=False)
+    follow compare against noise the method did not use. Seen where it was drawn, and in the
+    results: with noise_like replaced by the same draws, two seeds of torch's global generator
+    give the same result. q_sample and p_losses are checked where noise may be left out."""
+    answer = run(probe_draws_outside_noise_like, method=method, x=images(BATCH, seed=40),
+                 global_seeds=[seeded(41), seeded(42)], noise_seed=seeded(43))
+    if answer is None:
+        pytest.skip(f"{method} requires noise, so draws none")
+    fix = "Draw them with self.noise_like(shape, device): graders replace it"
+    if answer["places"]:
+        pytest.fail(f"{method} drew random numbers outside self.noise_like: {answer['places']}. {fix}", pytrace=False)
+    first, second = (torch.as_tensor(result).double() for result in answer["results"])
+    if first.shape != second.shape or not torch.allclose(first, second, rtol=0, atol=0, equal_nan=True):
+        pytest.fail(f"{method} gave two results for one noise_like draw under two seeds of torch's global "
+                    f"generator: it draws random numbers outside self.noise_like. {fix}", pytrace=False)
 
 
 # ---- forward process and training (Algorithm 1)
 
 
-def test_diffusion_keeps_its_network_and_settings(under_test):
-    network = StubNetwork(known_noise_prediction)
-    diffusion = under_test.Diffusion(network, image_size=6, channels=2, timesteps=7)
-    assert diffusion.model is network
-    assert (diffusion.image_size, diffusion.channels, diffusion.num_timesteps) == (6, 2, 7)
+def test_diffusion_keeps_its_network_and_settings(run):
+    answer = run(probe_settings, image_size=6, channels=2, timesteps=7)
+    assert answer["keeps_network"], "Diffusion(model, ...).model is not the network it was given"
+    assert tuple(answer["settings"]) == (6, 2, 7), (
+        f"image_size, channels, num_timesteps are {tuple(answer['settings'])}, not (6, 2, 7)")
 
 
-def test_abar_is_the_running_product_of_the_clipped_alphas(under_test):
+def test_abar_is_the_running_product_of_the_clipped_alphas(run):
     """eq. (6): abar_t = alpha_0 ... alpha_t over cosine_schedule's clipped alphas, not f(t)/f(0);
     seen as q_sample(1, t, 0) = sqrt(abar_t)."""
-    diffusion = make_diffusion(under_test)
     x_0 = torch.ones(T, CHANNELS, SIZE, SIZE)
-    sqrt_abar = diffusion.q_sample(x_0, torch.arange(T), torch.zeros_like(x_0))
-    alphas = schedule(under_test, T).double()
-    expected = torch.cumprod(alphas, 0).sqrt().view(T, 1, 1, 1).expand(x_0.shape)
+    answer = run(probe_q_sample_beside_the_schedule, x_0=x_0, t=torch.arange(T), noise=torch.zeros_like(x_0))
+    expected = torch.cumprod(answer["alphas"].double(), 0).sqrt().view(T, 1, 1, 1).expand(x_0.shape)
+    sqrt_abar = answer["x_t"]
     assert_rows_close("eq. (6) sqrt(abar_t), abar_t the product of the clipped alphas",
                       sqrt_abar, expected, at_each_t(range(T)))
 
 
-def test_q_sample_mean_is_sqrt_abar_t_times_x0(under_test):
+def test_q_sample_mean_is_sqrt_abar_t_times_x0(run):
     """eq. (6) / Algorithm 1 line 5: E[x_t | x_0] = sqrt(abar_t) x_0 (abar_t, not alpha_t)."""
     x_0 = images(T, seed=1)
-    mean = make_diffusion(under_test).q_sample(x_0, torch.arange(T), torch.zeros_like(x_0))
+    mean = run(probe_q_sample, x_0=x_0, t=torch.arange(T), noise=torch.zeros_like(x_0))
     expected = HANDOUT.q_sample(x_0.double(), torch.arange(T), 0.0)
     assert_rows_close("eq. (6) mean sqrt(abar_t) x_0", mean, expected, at_each_t(range(T)))
 
 
-def test_q_sample_std_is_sqrt_one_minus_abar_t(under_test):
+def test_q_sample_std_is_sqrt_one_minus_abar_t(run):
     """eq. (6) / Algorithm 1 line 5: x_t - sqrt(abar_t) x_0 = sqrt(1 - abar_t) eps."""
     noise = images(T, seed=2)
-    spread = make_diffusion(under_test).q_sample(torch.zeros_like(noise), torch.arange(T), noise)
+    spread = run(probe_q_sample, x_0=torch.zeros_like(noise), t=torch.arange(T), noise=noise)
     expected = HANDOUT.q_sample(0.0, torch.arange(T), noise.double())
     assert_rows_close("eq. (6) std sqrt(1 - abar_t) eps", spread, expected, at_each_t(range(T)))
 
@@ -297,39 +443,36 @@ def l1_loss_at(t, x_0, noise):
     return (noise.double() - known_noise_prediction(x_t, t)).abs().mean()
 
 
-def test_p_losses_is_the_mean_l1_distance_between_noise_and_prediction(under_test):
+def test_p_losses_is_the_mean_l1_distance_between_noise_and_prediction(run):
     """Algorithm 1 lines 5-6: the network sees x_t of eq. (6) and t; the loss is L1, not L2."""
-    diffusion = make_diffusion(under_test)
     x_0, noise = images(BATCH, seed=3), images(BATCH, seed=4)
-    losses = torch.stack([diffusion.p_losses(x_0, steps(t), noise).reshape(()) for t in range(T)])
+    losses = run(probe_p_losses_at_each_t, x_0=x_0, noise=noise, ts=list(range(T)))
     expected = torch.stack([l1_loss_at(steps(t), x_0, noise) for t in range(T)])
     assert_rows_close("Algorithm 1 line 6, L1 loss", losses, expected, at_each_t(range(T)))
 
 
-def test_p_losses_is_differentiable_in_the_network_parameters(under_test):
+def test_p_losses_is_differentiable_in_the_network_parameters(run, request):
     """Algorithm 1 line 6 takes a gradient step on the loss, so it must reach the network."""
-    diffusion = make_diffusion(under_test)
-    diffusion.p_losses(images(BATCH, seed=3), steps(T // 2), images(BATCH, seed=4)).backward()
-    assert diffusion.model.gain.grad is not None and diffusion.model.gain.grad.item() != 0
+    rests_on(request, "test_p_losses_is_the_mean_l1_distance_between_noise_and_prediction")
+    gradient = run(probe_gradient_of_p_losses, x_0=images(BATCH, seed=3), noise=images(BATCH, seed=4), t=T // 2)
+    assert gradient is not None and gradient.item() != 0, "no gradient of p_losses reaches the network"
 
 
-def test_forward_is_the_l1_loss_at_the_steps_it_draws(under_test):
+def test_forward_is_the_l1_loss_at_the_steps_it_draws(run, request):
     """Algorithm 1: forward(x_0, noise) is p_losses at one random t per image."""
-    diffusion = make_diffusion(under_test)
+    rests_on(request, "test_p_losses_is_the_mean_l1_distance_between_noise_and_prediction")
     x_0, noise = images(8, seed=5), images(8, seed=6)
-    loss = diffusion(x_0, noise)
-    _, drawn = diffusion.model.calls[-1]
+    answer = run(probe_forward, x_0=x_0, noise=noise, seed=seeded(0))
+    drawn = answer["drawn"]
     assert_rows_close(f"Algorithm 1 line 6, L1 loss at the drawn t={drawn.tolist()}",
-                      loss.reshape(1), l1_loss_at(drawn, x_0, noise).reshape(1), ["forward"])
+                      answer["loss"].reshape(1), l1_loss_at(drawn, x_0, noise).reshape(1), ["forward"])
 
 
-def test_forward_draws_t_uniformly_from_0_to_T_minus_1(under_test):
+def test_forward_draws_t_uniformly_from_0_to_T_minus_1(run, request):
     """Algorithm 1 line 3: t ~ Uniform{1..T}, which is 0..T-1 in code; no step left out."""
-    diffusion = make_diffusion(under_test)
-    torch.manual_seed(0)
+    rests_on(request, "test_forward_is_the_l1_loss_at_the_steps_it_draws")
     x_0 = images(40 * T, seed=7)
-    diffusion(x_0, torch.zeros_like(x_0))
-    _, drawn = diffusion.model.calls[-1]
+    drawn = run(probe_forward, x_0=x_0, noise=torch.zeros_like(x_0), seed=seeded(0))["drawn"]
     counts = torch.bincount(drawn, minlength=T)
     assert drawn.min().item() == 0 and drawn.max().item() == T - 1, (
         f"forward drew t from {drawn.min().item()} to {drawn.max().item()}; expected 0 to {T - 1}")
@@ -339,87 +482,80 @@ def test_forward_draws_t_uniformly_from_0_to_T_minus_1(under_test):
 # ---- reverse process (Algorithm 2)
 
 
-def test_noise_like_draws_standard_normal_noise_of_the_given_shape(under_test):
-    torch.manual_seed(0)
-    noise = make_diffusion(under_test).noise_like((100, CHANNELS, 16, 16), torch.device("cpu"))
+def test_noise_like_draws_standard_normal_noise_of_the_given_shape(run):
+    noise = run(probe_noise_like, shape=(100, CHANNELS, 16, 16), seed=seeded(0))
     assert tuple(noise.shape) == (100, CHANNELS, 16, 16) and noise.dtype == torch.float32
     assert abs(noise.mean().item()) < 0.02 and abs(noise.std().item() - 1) < 0.02
 
 
-def one_step(diffusion, x, t, draw):
-    replace_noise(diffusion, draw)
-    return diffusion.p_sample(x, steps(t, len(x)), t)
+def the_same_x_at(ts, x):
+    """``x`` as the state of p_sample at each of ``ts``."""
+    return x.unsqueeze(0).expand(len(ts), *x.shape)
 
 
-def test_p_sample_mean_is_the_posterior_mean_of_eq_7_at_every_t(under_test, global_draws):
+def test_p_sample_mean_is_the_posterior_mean_of_eq_7_at_every_t(run):
     """Algorithm 2 lines 4-7 with z = 0: x0_hat by eq. (8) with abar_t, then eq. (7)'s mean
     with sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) on x_t."""
     x_0, eps = 0.9 * images(BATCH, seed=8), images(BATCH, seed=9)
-    diffusion = make_diffusion(under_test, lambda x, t: eps)
-    x_t = [HANDOUT.q_sample(x_0.double(), steps(t), eps.double()).float() for t in range(T)]
-    means = torch.stack([one_step(diffusion, x_t[t], t, torch.zeros) for t in range(T)])
+    x_t = torch.stack([HANDOUT.q_sample(x_0.double(), steps(t), eps.double()).float() for t in range(T)])
+    answer = run(probe_p_sample, x=x_t, ts=list(range(T)), cases=[(eps, "zeros")])
     expected = torch.stack([HANDOUT.posterior_mean(x_t[t].double(), t, eps.double()) for t in range(T)])
-    assert_rows_close("eq. (7) posterior mean", means, expected, at_each_t(range(T)),
-                      atol=ATOL_REVERSE, draws=global_draws)
+    assert_rows_close("eq. (7) posterior mean", answer["results"][0], expected, at_each_t(range(T)),
+                      atol=ATOL_REVERSE, draws=answer["places"])
 
 
-def test_p_sample_adds_sigma_t_times_the_noise_at_every_t_above_0(under_test, global_draws):
+def test_p_sample_adds_sigma_t_times_the_noise_at_every_t_above_0(run):
     """Algorithm 2 lines 8-9: x_{t-1} = mu_t + sigma_t z, sigma_t^2 = (1 - abar_{t-1}) / (1 - abar_t)
     (1 - alpha_t) (eq. 7); seen as p_sample with z = 1 minus p_sample with z = 0."""
-    diffusion = make_diffusion(under_test)
-    x = images(BATCH, seed=10)
-    shifts = torch.stack([one_step(diffusion, x, t, torch.ones) - one_step(diffusion, x, t, torch.zeros)
-                          for t in range(1, T)])
+    ts = list(range(1, T))
+    answer = run(probe_p_sample, x=the_same_x_at(ts, images(BATCH, seed=10)), ts=ts,
+                 cases=[("known", "ones"), ("known", "zeros")])
+    shifts = answer["results"][0] - answer["results"][1]
     expected = HANDOUT.sigma[1:].view(-1, 1, 1, 1, 1).expand(shifts.shape)
-    assert_rows_close("eq. (7) posterior std sigma_t", shifts, expected, at_each_t(range(1, T)),
-                      draws=global_draws)
+    assert_rows_close("eq. (7) posterior std sigma_t", shifts, expected, at_each_t(ts), draws=answer["places"])
 
 
-def test_p_sample_adds_no_noise_at_t_0(under_test, global_draws):
+def test_p_sample_adds_no_noise_at_t_0(run):
     """Algorithm 2 line 3: z = 0 at the last step; the output is the posterior mean itself."""
-    diffusion = make_diffusion(under_test)
     x = images(BATCH, seed=11)
-    shift = one_step(diffusion, x, 0, torch.ones) - one_step(diffusion, x, 0, torch.zeros)
-    assert_rows_close("Algorithm 2 line 3, z = 0 at the last step", shift.unsqueeze(0),
-                      torch.zeros(1, *x.shape), at_each_t([0]), draws=global_draws)
+    answer = run(probe_p_sample, x=the_same_x_at([0], x), ts=[0], cases=[("known", "ones"), ("known", "zeros")])
+    shift = answer["results"][0] - answer["results"][1]
+    assert_rows_close("Algorithm 2 line 3, z = 0 at the last step", shift, torch.zeros(1, *x.shape),
+                      at_each_t([0]), draws=answer["places"])
 
 
-def test_p_sample_clamps_the_predicted_x0_to_minus_one_to_one(under_test, global_draws):
+def test_p_sample_clamps_the_predicted_x0_to_minus_one_to_one(run):
     """Algorithm 2 line 6. With x_t = +-1 and eps = 0, eq. (8) gives |x0_hat| >= 1, and a
     prediction pushing x0_hat further out must not change the step; at t = 0, where eq. (7)'s
     mean is x0_hat itself, the step returns +-1."""
     x = torch.where(images(BATCH, seed=12) >= 0, 1.0, -1.0)
-    at_the_bound = make_diffusion(under_test, lambda x_t, t: torch.zeros_like(x_t))
-    beyond = make_diffusion(under_test, lambda x_t, t: -3 * x_t.sign())
-    pushed = torch.stack([one_step(beyond, x, t, torch.zeros) for t in range(T)])
-    clamped = torch.stack([one_step(at_the_bound, x, t, torch.zeros) for t in range(T)])
+    answer = run(probe_p_sample, x=the_same_x_at(range(T), x), ts=list(range(T)),
+                 cases=[("beyond", "zeros"), (("linear", 0.0, 0.0), "zeros")])
+    pushed, clamped = answer["results"]
     assert_rows_close("Algorithm 2 line 6, x0_hat clamped to [-1, 1] (the step moved with "
-                      "x0_hat beyond the bounds)", pushed, clamped, at_each_t(range(T)), draws=global_draws)
+                      "x0_hat beyond the bounds)", pushed, clamped, at_each_t(range(T)), draws=answer["places"])
     assert_rows_close("Algorithm 2 line 6, x0_hat clamped to [-1, 1]", clamped[:1],
-                      x.unsqueeze(0), at_each_t([0]), draws=global_draws)
+                      x.unsqueeze(0), at_each_t([0]), draws=answer["places"])
 
 
-def test_p_sample_loop_takes_every_step_from_T_minus_1_down_to_0(under_test):
+def test_p_sample_loop_takes_every_step_from_T_minus_1_down_to_0(run, request):
     """Algorithm 2 line 2: for t = T..1 (T-1..0 in code), one network call per step."""
-    diffusion = make_diffusion(under_test)
-    diffusion.p_sample_loop(images(BATCH, seed=13))
-    asked = [t.tolist() for _, t in diffusion.model.calls]
+    rests_on(request, "test_p_sample_loop_follows_algorithm_2_and_returns_x0_in_zero_to_one")
+    answer = run(probe_p_sample_loop, x_T=images(BATCH, seed=13), predict="known", noise="zeros")
+    asked = [t.tolist() for t in answer["steps"]]
     assert asked == [[t] * BATCH for t in reversed(range(T))], (
         f"the network was asked about t = {[t[0] for t in asked]}; expected {T - 1} down to 0")
 
 
-def test_p_sample_loop_follows_algorithm_2_and_returns_x0_in_zero_to_one(under_test, global_draws):
+def test_p_sample_loop_follows_algorithm_2_and_returns_x0_in_zero_to_one(run):
     """Algorithm 2 with seeded noise: every state x_t the network sees, then (x_0 + 1) / 2."""
-    diffusion = make_diffusion(under_test)
-    replace_noise(diffusion, seeded_draws(14))
     x_T = images(BATCH, seed=15)
-    result = diffusion.p_sample_loop(x_T)
-    states, expected = HANDOUT.reverse_process(x_T, known_noise_prediction, seeded_draws(14))
-    seen = torch.stack([x for x, _ in diffusion.model.calls])
-    assert_rows_close("Algorithm 2, the state x_t", seen, states, at_each_t(reversed(range(T))),
-                      atol=ATOL_REVERSE, draws=global_draws)
-    assert_rows_close("p_sample_loop's (x_0 + 1) / 2", result.unsqueeze(0), expected.unsqueeze(0),
-                      ["the output"], atol=ATOL_REVERSE, draws=global_draws)
+    answer = run(probe_p_sample_loop, x_T=x_T, predict="known", noise=seeded(14))
+    states, expected = HANDOUT.reverse_process(x_T, known_noise_prediction, seeded_draws(seeded(14)))
+    assert_rows_close("Algorithm 2, the state x_t", torch.stack(answer["states"]), states,
+                      at_each_t(reversed(range(T))), atol=ATOL_REVERSE, draws=answer["places"])
+    assert_rows_close("p_sample_loop's (x_0 + 1) / 2", answer["result"].unsqueeze(0), expected.unsqueeze(0),
+                      ["the output"], atol=ATOL_REVERSE, draws=answer["places"])
 
 
 def assert_in_zero_to_one(method, result):
@@ -427,35 +563,30 @@ def assert_in_zero_to_one(method, result):
     assert low >= 0 and high <= 1, f"{method}'s images span [{low:.4g}, {high:.4g}], not [0, 1]"
 
 
-def test_p_sample_loop_returns_images_in_zero_to_one_shaped_like_its_input(under_test):
+def test_p_sample_loop_returns_images_in_zero_to_one_shaped_like_its_input(run):
     """Images are in [-1, 1] inside the model and in [0, 1] outside, whatever the network says."""
-    diffusion = make_diffusion(under_test, lambda x, t: 4 * x - 3)
-    replace_noise(diffusion, seeded_draws(16))
     x_T = 3 * images(BATCH, seed=17)
-    result = diffusion.p_sample_loop(x_T)
+    result = run(probe_p_sample_loop, x_T=x_T, predict=("linear", 4.0, -3.0), noise=seeded(16))["result"]
     assert result.shape == x_T.shape
     assert_in_zero_to_one("p_sample_loop", result)
 
 
-def test_sample_returns_batch_size_images_of_its_channels_and_size_in_zero_to_one(under_test):
+def test_sample_returns_batch_size_images_of_its_channels_and_size_in_zero_to_one(run):
     """Algorithm 2 on batch_size x channels x image_size x image_size noise, returned in [0, 1]."""
-    diffusion = make_diffusion(under_test, channels=2, image_size=5)
-    result = diffusion.sample(3)
+    result = run(probe_sample, batch_size=3, settings={"channels": 2, "image_size": 5}, noise=None,
+                 seed=seeded(0))["result"]
     assert tuple(result.shape) == (3, 2, 5, 5)
     assert_in_zero_to_one("sample", result)
 
 
-def test_sample_runs_algorithm_2_from_x_T_drawn_by_noise_like(under_test, global_draws):
+def test_sample_runs_algorithm_2_from_x_T_drawn_by_noise_like(run):
     """Algorithm 2 line 1: x_T ~ N(0, I) is noise_like's first draw."""
-    diffusion = make_diffusion(under_test)
-    replace_noise(diffusion, seeded_draws(18))
-    result = diffusion.sample(BATCH)
-    draw = seeded_draws(18)
+    answer = run(probe_sample, batch_size=BATCH, settings={}, noise=seeded(18), seed=seeded(0))
+    draw = seeded_draws(seeded(18))
     _, expected = HANDOUT.reverse_process(draw((BATCH, CHANNELS, SIZE, SIZE)),
                                           known_noise_prediction, draw)
-    assert_rows_close("sample's (x_0 + 1) / 2", result.unsqueeze(0), expected.unsqueeze(0),
-                      ["the output"], atol=ATOL_REVERSE, draws=global_draws)
-
+    assert_rows_close("sample's (x_0 + 1) / 2", answer["result"].unsqueeze(0), expected.unsqueeze(0),
+                      ["the output"], atol=ATOL_REVERSE, draws=answer["places"])
 
 
 # ---- devices: what a GPU would refuse, found without one
@@ -463,6 +594,15 @@ def test_sample_runs_algorithm_2_from_x_T_drawn_by_noise_like(under_test, global
 
 TRAINERS_DEVICES = ("cuda", "mps")  # besides the CPU, on which every check above runs
 METHODS = ("q_sample", "p_losses", "forward", "p_sample", "p_sample_loop", "sample")
+CHECKED_ON_THE_CPU = {  # the checks of each method's values, on which its device checks rest
+    "q_sample": ("test_q_sample_mean_is_sqrt_abar_t_times_x0", "test_q_sample_std_is_sqrt_one_minus_abar_t"),
+    "p_losses": ("test_p_losses_is_the_mean_l1_distance_between_noise_and_prediction",),
+    "forward": ("test_forward_is_the_l1_loss_at_the_steps_it_draws",),
+    "p_sample": ("test_p_sample_mean_is_the_posterior_mean_of_eq_7_at_every_t",
+                 "test_p_sample_adds_sigma_t_times_the_noise_at_every_t_above_0"),
+    "p_sample_loop": ("test_p_sample_loop_follows_algorithm_2_and_returns_x0_in_zero_to_one",),
+    "sample": ("test_sample_runs_algorithm_2_from_x_T_drawn_by_noise_like",),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -486,16 +626,11 @@ def call_on(diffusion, method, device):
     return calls[method]()
 
 
-@pytest.mark.parametrize("device_type", TRAINERS_DEVICES)
-@pytest.mark.parametrize("method", METHODS)
-def test_runs_on_each_device_the_trainer_picks(under_test, method, device_type):
-    """A fault of the original starter: on a GPU every tensor an op gets must be on the model's
-    device, so a tensor made on the CPU (torch.tensor(...), torch.full(...) without device=) crashes
-    there though it runs on a CPU. Here the machine's best device is CUDA, then Apple's MPS, each
-    simulated on the meta device: the file is imported afresh and the Diffusion built (so code
-    behind torch.cuda.is_available() runs too), moved as the trainer moves it to the device it
-    picks by default, and ``method`` called on inputs there, with CUDA's rule held for every op."""
-    name = {"cuda": "CUDA", "mps": "an Apple GPU (MPS)"}[device_type]
+def probe_on_the_trainers_device(under_test, method, device_type):
+    """The file imported afresh and its Diffusion built on a machine whose best device is
+    ``device_type`` (simulated on meta), moved there as the trainer moves it, then ``method``
+    called on inputs there: the step that stopped and how ("mixing" or "crash", with what
+    happened), or no step."""
     built = {}
 
     def build():
@@ -506,32 +641,63 @@ def test_runs_on_each_device_the_trainer_picks(under_test, method, device_type):
     step, stopped = first_failure_on_device(
         [("building the Diffusion", build), (method, lambda: call_on(built["diffusion"], method, torch.device(device_type)))],
         machine_with(device_type), SimulatedOnMeta(device_type), one_device)
+    if stopped is None:
+        return {"step": None}
     if isinstance(stopped, DeviceMixing):
-        pytest.fail(f"{step} on {name}: {stopped}, with tensors on {device_type}. On such a machine "
-                    "this raises; make it on the input's device (device=x.device) or register it as a buffer",
+        return {"step": step, "mixing": str(stopped)}
+    return {"step": step, "crash": crash_on_device(stopped, one_device, under_test.__file__)}
+
+
+@pytest.mark.parametrize("device_type", TRAINERS_DEVICES)
+@pytest.mark.parametrize("method", METHODS)
+def test_runs_on_each_device_the_trainer_picks(run, request, method, device_type):
+    """A fault of the original starter: on a GPU every tensor an op gets must be on the model's
+    device, so a tensor made on the CPU (torch.tensor(...), torch.full(...) without device=) crashes
+    there though it runs on a CPU. Here the machine's best device is CUDA, then Apple's MPS, each
+    simulated on the meta device: the file is imported afresh and the Diffusion built (so code
+    behind torch.cuda.is_available() runs too), moved as the trainer moves it to the device it
+    picks by default, and ``method`` called on inputs there, with CUDA's rule held for every op."""
+    rests_on(request, *CHECKED_ON_THE_CPU[method])
+    name = {"cuda": "CUDA", "mps": "an Apple GPU (MPS)"}[device_type]
+    answer = run(probe_on_the_trainers_device, method=method, device_type=device_type)
+    if "mixing" in answer:
+        pytest.fail(f"{answer['step']} on {name}: {answer['mixing']}, with tensors on {device_type}. On such a "
+                    "machine this raises; make it on the input's device (device=x.device) or register it as a buffer",
                     pytrace=False)
-    if stopped is not None:
-        pytest.fail(f"{step} on {name} crashes: {crash_on_device(stopped, one_device, under_test.__file__)}. "
+    if "crash" in answer:
+        pytest.fail(f"{answer['step']} on {name} crashes: {answer['crash']}. "
                     "Code that runs only on a GPU (behind torch.cuda.is_available()) runs here as it would there",
                     pytrace=False)
 
 
+def probe_on_another_device(under_test, method):
+    """``method`` of a Diffusion moved to the meta device, on this CPU-only machine: where it
+    stopped, if it did, and how ("mixing": the op, the line, the CPU tensor it got)."""
+    diffusion = make_diffusion(under_test)
+    move_as_the_trainer_does(diffusion, torch.device("meta"))
+    step, stopped = first_failure_on_device([(method, lambda: call_on(diffusion, method, torch.device("meta")))],
+                                            OneDevice(under_test))
+    if stopped is None:
+        return {"step": None}
+    if isinstance(stopped, DeviceMixing):
+        return {"step": step, "mixing": {"op": stopped.op, "here": stopped.here, "made": stopped.made}}
+    return {"step": step, "stopped": f"{type(stopped).__name__}: {stopped}"}
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_takes_its_device_from_its_input(under_test, method):
+def test_takes_its_device_from_its_input(run, method):
     """The model put on another device than the machine's default (meta, on this CPU-only
     machine): a file that takes the device from its input follows it, one that chose it itself
     (torch.cuda.is_available(), a device picked at import) makes tensors on the default device.
     Such a file still runs wherever the trainer puts it by default, so this is a warning
     (PortabilityWarning) naming the line and the fix, never a failure."""
-    diffusion = make_diffusion(under_test)
-    move_as_the_trainer_does(diffusion, torch.device("meta"))
-    step, mixing = first_failure_on_device([(method, lambda: call_on(diffusion, method, torch.device("meta")))],
-                                           OneDevice(under_test))
-    if mixing is not None and not isinstance(mixing, DeviceMixing):
-        pytest.skip(f"device check not run: {step} stops on the meta device ({type(mixing).__name__}: "
-                    f"{mixing}), which holds no values")
-    if mixing is not None:
+    answer = run(probe_on_another_device, method=method)
+    if "stopped" in answer:
+        pytest.skip(f"device check not run: {answer['step']} stops on the meta device ({answer['stopped']}), "
+                    "which holds no values")
+    if "mixing" in answer:
+        mixing = answer["mixing"]
         warnings.warn(PortabilityWarning(
-            f"{method} runs only on the device it picks itself: torch.{mixing.op} at {mixing.here} gets a "
-            f"CPU tensor {mixing.made}, when the model is on another device than the default. Take the "
+            f"{method} runs only on the device it picks itself: torch.{mixing['op']} at {mixing['here']} gets a "
+            f"CPU tensor {mixing['made']}, when the model is on another device than the default. Take the "
             "device from the input (x.device) instead of torch.cuda.is_available() or a device chosen at import"))

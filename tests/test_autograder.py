@@ -60,12 +60,45 @@ def python_path():
     folder = Path(sys.executable).parent
     return f"{folder}:/usr/bin:/bin"
 
+# Tricks a file could play on a grader that ran it where its verdict is decided: each must earn nothing.
+FAKES_ITS_PYTEST_REPORTS = """import builtins, _pytest.reports, torch.testing
+_made = _pytest.reports.TestReport.__init__
+def _passed(self, *args, **kwargs):
+    _made(self, *args, **kwargs)
+    self.outcome, self.longrepr = "passed", None
+_pytest.reports.TestReport.__init__ = _passed
+torch.testing.assert_close = lambda *args, **kwargs: None
+builtins.all = lambda *args: True
+"""
+PATCHES_THE_CONTRACT = """import inspect, types, pytest
+seen = [value for frame in inspect.stack() for value in frame.frame.f_locals.values()]
+for contract in [value for value in seen if isinstance(value, types.ModuleType) and value.__name__.endswith("_contract")]:
+        contract.assert_close = contract.assert_rows_close = lambda *args, **kwargs: None
+        contract.probe_on_the_trainers_device = lambda *args, **kwargs: {"step": None}
+        contract.probe_training = lambda *args, **kwargs: [2.0, 1.0]
+pytest.fail = lambda *args, **kwargs: None
+"""
+WRITES_ITS_OWN_VERDICT = """import json, os, pathlib, sys, torch
+home = pathlib.Path(os.environ["HOME"])
+record = {"test": "test_loss_function_is_the_negative_elbo_of_eq_4", "outcome": "passed", "message": ""}
+print(json.dumps(record))
+(home / "results.jsonl").write_text(json.dumps(record) + "\n" + json.dumps({"done": True}) + "\n")
+(home / "answers").mkdir(exist_ok=True)
+inputs = pathlib.Path(json.loads(pathlib.Path(sys.argv[-1]).read_text())["inputs"])
+for question in inputs.glob("*.pt"):
+    probe = torch.load(question, weights_only=True)["probe"]
+    torch.save({"probe": probe, "returned": {"step": None}}, home / "answers" / question.name)
+os._exit(0)
+"""
+TRICKS = {"fakes_its_pytest_reports": FAKES_ITS_PYTEST_REPORTS, "patches_the_contract": PATCHES_THE_CONTRACT,
+          "writes_its_own_verdict": WRITES_ITS_OWN_VERDICT}
 
 UPLOADS = {
     "handed_in": {"A3_PartA/vae.py": OURS["A"].read_text(), "A3_PartB/diffusion.py": OURS["B"].read_text()},
     "files_only_vae_loops": {"vae.py": LOOPS, "diffusion.py": OURS["B"].read_text()},
     "gpu_only_branch_crashes_no_vae": {"diffusion.py": GPU_ONLY_SHAPE_ERROR},
     "synchronizes_the_gpu": {"vae.py": OURS["A"].read_text(), "diffusion.py": SYNCHRONIZES},
+    **{name: {"vae.py": trick, "diffusion.py": trick} for name, trick in TRICKS.items()},
 }
 
 
@@ -141,6 +174,24 @@ def test_a_gpu_only_crash_fails_its_device_checks_naming_cuda_and_a_missing_file
     assert 0 < part_score(graded, "B") < POINTS["B"]
     part_a = [test for test in graded["tests"] if test["name"].startswith("Part A ")]
     assert part_score(graded, "A") == 0 and all("missing" in test["output"] for test in part_a)
+
+
+@pytest.mark.parametrize("trick", TRICKS)
+def test_a_file_that_tries_to_grade_itself_earns_nothing(results, trick):
+    """The box only answers probes with data, on inputs drawn afresh; the checks are judged in
+    a process that never imports the file. Patching pytest, torch.testing, builtins or the
+    contract's helpers there, printing records, writing a results file or answers and exiting
+    change nothing but the data the judges read, and faking what the box observes (the
+    simulated GPU, train_vae's losses) is not scored without the checks it rests on."""
+    graded = results[trick]
+    assert (part_score(graded, "A"), part_score(graded, "B")) == (0, 0)
+
+
+def test_a_faked_device_check_is_not_scored_and_says_what_it_rests_on(results):
+    device_checks = [test for test in results["patches_the_contract"]["tests"]
+                     if "test_runs_on_each_device_the_trainer_picks[q_sample-cuda]" in test["name"]]
+    assert [(test["score"], test["output"]) for test in device_checks] == [
+        (0, "passed, not scored: it rests on test_q_sample_mean_is_sqrt_abar_t_times_x0, which did not pass")]
 
 
 def test_local_grades_a_zip_left_whole_and_prints_what_the_student_would_see(tmp_path, capsys):

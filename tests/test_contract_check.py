@@ -1,4 +1,5 @@
-"""contract_check.py: one file in both parts' folders, and the verdict it reads from a run.
+"""contract_check.py and contract_probes.py: one file each in both parts' folders, and the verdict
+contract_check.py reads from a run.
 
 The notebooks' check cells run it on real files (test_notebooks.py); make_submission.py and
 grade_submissions.py judge its records (test_submission.py, test_grade_submissions.py).
@@ -19,9 +20,10 @@ WARNING = {"warning": "test_d: q_sample runs only on the device it picks itself"
 DONE = {"done": True}
 
 
-def test_both_parts_ship_the_same_contract_check():
+@pytest.mark.parametrize("shared", ["contract_check.py", "contract_probes.py"])
+def test_both_parts_ship_the_same_copy(shared):
     """Each part's folder runs alone on Colab, so each holds a copy: they must not drift apart."""
-    part_a, part_b = (REPO_ROOT / part / "contract_check.py" for part in ("A3_PartA", "A3_PartB"))
+    part_a, part_b = (REPO_ROOT / part / shared for part in ("A3_PartA", "A3_PartB"))
     assert part_a.read_bytes() == part_b.read_bytes()
 
 

@@ -54,13 +54,14 @@ def test_a_device_check_that_could_not_run_is_said_not_run_and_not_counted_as_pa
 
 
 def test_a_cpu_time_limit_is_a_timeout_naming_the_check_running():
-    assert judged([passed("test_a"), passed("test_b")], returncode=128 + signal.SIGXCPU) == (
+    assert judged([passed("test_a"), {"running": "test_b"}], returncode=128 + signal.SIGXCPU) == (
         "timeout", "did not finish within 20 s of CPU time: stopped (running test_b...)")
 
 
 def test_a_crash_in_the_middle_is_an_error_with_how_it_ended_and_the_last_line_it_printed():
-    assert judged([passed("test_a")], returncode=128 + signal.SIGSEGV, log_tail="Fatal Python error\n") == (
-        "error", "stopped before its checks finished (killed by SIGSEGV) (running test_a...): Fatal Python error")
+    assert judged([passed("test_a"), {"running": "test_b"}], returncode=128 + signal.SIGSEGV,
+                  log_tail="Fatal Python error\n") == (
+        "error", "stopped before its checks finished (killed by SIGSEGV) (running test_b...): Fatal Python error")
 
 
 def test_a_memory_error_anywhere_is_a_memory_verdict():
