@@ -4,7 +4,8 @@
 
 SUBMISSIONS holds one zip (or one folder) per submission, named after the student. In each,
 vae.py and diffusion.py are found wherever they sit (``__MACOSX/`` and ``.ipynb_checkpoints/``
-ignored), and each is run against its contract in a box of its own (submission_checks.py).
+ignored), and each answers its contract's probes in a box of its own, judged apart
+(submission_checks.py).
 REPORT gets ``report.csv`` (one row per submission and part), ``report.md`` (the same table,
 the counts of each verdict and the protections in force) and ``<submission>/results.json`` in
 the format of Gradescope's autograders. Zips from strangers are unpacked with care: entries

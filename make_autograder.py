@@ -14,9 +14,10 @@ the same flow runs in the tests and on a staff laptop.
 
 run_autograder finds vae.py and diffusion.py in the upload however the student made it (the
 files, their folders, or make_submission.py's zip, which Gradescope unpacks; a zip left whole is
-unpacked with grade_submissions.py's care), runs each part's contract in submission_checks.py's
-box, and writes one test per check with grade_submissions.py's JSON builder: the same box,
-verdicts and points as ``grade_submissions.py``.
+unpacked with grade_submissions.py's care), checks each part with submission_checks.py (the
+file answers the contract's probes in a box; the checks are judged in processes that never
+import it), and writes one test per check with grade_submissions.py's JSON builder: the same
+box, verdicts and points as ``grade_submissions.py``.
 """
 import argparse
 import json
