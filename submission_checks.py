@@ -64,6 +64,10 @@ def shared(name):
     return module
 
 
+class PhaseStopped(RuntimeError):
+    """A grading phase (contract_probes.py) that did not finish, and how it ended."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one run of a contract may use."""
@@ -173,7 +177,11 @@ def check_file(part, path, shown_as, limits=Limits(), protected=None):
         returncode, timed_out = run_box(box, config, limits, protected, cgroup)
         seconds = round(time.monotonic() - started, 1)
         finished = take_answers(box, exchange / "answers", questions)
-        records = judged_records(part, exchange, seed, finished)
+        try:
+            records = judged_records(part, exchange, seed, finished)
+        except PhaseStopped as stopped:  # on what the box wrote: its verdict, not the grader's crash
+            return Result(part, shown_as, "error", first_failure=f"its answers could not be judged: {stopped}",
+                          seconds=seconds)
         log_tail = tail(box / "output.log").replace(str(box), "<box>")
         return judge(part, shown_as, records, returncode, timed_out, log_tail, limits, seconds)
     finally:
@@ -190,7 +198,8 @@ def grading_phase(part, phase, exchange, seed):
                           str(exchange), str(seed), str(records)], cwd=contract.parent, capture_output=True, text=True)
     found = read_records(records, exchange)
     if run.returncode not in (0, 1) or not any("done" in record for record in found):
-        raise RuntimeError(f"the {phase} phase of {contract.name} did not finish:\n{run.stdout[-3000:]}{run.stderr[-3000:]}")
+        raise PhaseStopped(f"the {phase} phase of {contract.name} stopped ({how_it_ended(exit_status(run.returncode))}): "
+                           f"{last_line(run.stdout + run.stderr)}")
     return found
 
 

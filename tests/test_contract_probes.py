@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import submission_checks
 from contract_probes import plain
-from submission_checks import PARTS, Limits, check_file, protections
+from submission_checks import PARTS, Limits, PhaseStopped, check_file, protections
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -80,3 +81,19 @@ def test_a_probe_hands_back_data_only():
     assert not answer["loss"].requires_grad and answer["steps"] == (1, 2) and answer["names"] == ["a"]
     with pytest.raises(TypeError, match="a probe returned a function, which is not data"):
         plain({"model": lambda: None})
+
+
+def test_answers_that_stop_the_judge_are_the_files_error_not_the_graders_crash(tmp_path, monkeypatch):
+    real_phase = submission_checks.grading_phase
+
+    def judge_stops(part, phase, exchange, seed):
+        if phase == "judge":
+            raise PhaseStopped("the judge phase of vae_contract.py stopped (killed by SIGSEGV): ")
+        return real_phase(part, phase, exchange, seed)
+
+    monkeypatch.setattr(submission_checks, "grading_phase", judge_stops)
+    path = tmp_path / "vae.py"
+    path.write_text(SKELETON_VAE)
+    result = check_file("A", path, "vae.py", LIMITS)
+    assert (result.verdict, result.first_failure) == (
+        "error", "its answers could not be judged: the judge phase of vae_contract.py stopped (killed by SIGSEGV): ")
