@@ -3,7 +3,7 @@ file in the process that judges it.
 
 Each check of a contract (vae_contract.py, diffusion_contract.py) draws its inputs, hands them
 to one *probe* (a function of the contract that calls the file and returns plain data: tensors,
-numbers, strings, in lists, tuples and dicts) through the ``run`` fixture, and judges what comes
+numbers, strings, in lists, tuples and dicts) through the ``run`` fixture (defined here), and judges what comes
 back against the handout's values for those inputs:
 
     def test_q_sample_mean(run):
@@ -56,9 +56,11 @@ def rests_on(request, *checks):
     request.node.user_properties.append(("rests_on", checks))
 
 
-def runner(request):
-    """The ``run(probe, **inputs)`` of one check: the probe's answer, as the phase gets it. A
-    check calls it once, so that one saved answer belongs to one check."""
+@pytest.fixture
+def run(request):
+    """The ``run(probe, **inputs)`` of one check, a fixture each contract imports: the probe's
+    answer on the file under test (the contract's ``under_test``), as the phase gets it. A check
+    calls it once, so that one saved answer belongs to one check."""
     phase = os.environ.get(PHASE, "")
     exchange = Path(os.environ.get(EXCHANGE, "."))
     name = request.node.name

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
-from contract_probes import rests_on, runner, seeded
+from contract_probes import rests_on, run, seeded  # noqa: F401 - run is the checks' fixture
 
 matplotlib.use("Agg")  # show_images draws without a display
 
@@ -65,12 +65,6 @@ def load_under_test(path):
     """The vae.py at ``path``, run as a module with its folder importable."""
     with beside(path):
         return run_as_module("vae_under_contract", path)
-
-
-@pytest.fixture
-def run(request):
-    """``run(probe, **inputs)``: the probe's answer on the file under test (contract_probes.py)."""
-    return runner(request)
 
 
 @functools.cache

@@ -43,7 +43,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from contract_probes import rests_on, runner, seeded
+from contract_probes import rests_on, run, seeded  # noqa: F401 - run is the checks' fixture
 from diffusion_reference import Handout, known_noise_prediction, StubNetwork
 from simulated_devices import (crash_on_device, DeviceMixing, first_failure_on_device, line_running, machine_with,
                                move_as_the_trainer_does, OneDevice, PortabilityWarning, SimulatedOnMeta)
@@ -73,12 +73,6 @@ def load_under_test(path):
     """The diffusion.py at ``path``, imported as on a machine without a GPU."""
     with machine_with("cpu"):
         return load_diffusion_file(path)
-
-
-@pytest.fixture
-def run(request):
-    """``run(probe, **inputs)``: the probe's answer on the file under test (contract_probes.py)."""
-    return runner(request)
 
 
 def load_diffusion_file(path):
