@@ -27,7 +27,8 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from submission_checks import PARTS, VERDICTS, Limits, Result, check_file, expected_checks, protections
+from submission_checks import (PARTS, VERDICTS, IsolationMissing, Limits, Result, check_file, expected_checks,
+                               protections, require_isolation, shared)
 
 COLUMNS = ("submission", "part", "file", "verdict", "passed", "total", "first_failure", "seconds")
 IGNORED_FOLDERS = {"__MACOSX", ".ipynb_checkpoints", "__pycache__"}
@@ -36,6 +37,8 @@ MAX_UNPACKED_BYTES = 200 * 2 ** 20
 MAX_RATIO = 200  # unpacked size over packed size, of an entry or of the whole zip
 MAX_FILE_BYTES = 5 * 2 ** 20  # a vae.py or diffusion.py larger than this is not a student's
 POINTS = {"A": 100, "B": 50}  # the handout's: Part A the required 100 points, Part B the bonus 50
+WITHOUT_ISOLATION = ("Graded WITHOUT isolation (--without-isolation): the student's file could have written "
+                     "the grader's files.")
 
 
 class Refused(Exception):
@@ -145,12 +148,17 @@ def find(folder, file_name):
 # ---------------------------------------------------------------- grading
 
 
-def grade(submissions, out, limits=Limits(), jobs=None, progress=True):
-    """Grade every zip and folder in ``submissions``; write the report into ``out``; the rows."""
+def grade(submissions, out, limits=Limits(), jobs=None, progress=True, without_isolation=False):
+    """Grade every zip and folder in ``submissions``; write the report into ``out``; the rows.
+    Raises IsolationMissing where the box could write the grader, unless ``without_isolation``."""
     entries = sorted(path for path in Path(submissions).iterdir()
                      if (path.is_dir() or path.suffix.lower() == ".zip") and not path.name.startswith(".")
                      and path.name not in IGNORED_FOLDERS)
     protected = protections(limits)
+    if not without_isolation:
+        require_isolation(protected)
+    for part in PARTS:
+        expected_checks(part)  # the checks and their weights, fixed before any file runs
     with tempfile.TemporaryDirectory(prefix="a3_grading_") as scratch:
         read = [read_submission(path, Path(tempfile.mkdtemp(dir=scratch))) for path in entries]
         tasks = [(submission, part) for submission in read for part in PARTS]
@@ -158,7 +166,7 @@ def grade(submissions, out, limits=Limits(), jobs=None, progress=True):
             results = list(tqdm(pool.map(lambda task: grade_part(*task, limits, protected), tasks),
                                 total=len(tasks), desc="grading", unit="file", disable=not progress))
     rows = [(submission.name, result) for (submission, _), result in zip(tasks, results)]
-    write_report(Path(out), rows, protected)
+    write_report(Path(out), rows, protected, without_isolation)
     return rows
 
 
@@ -179,19 +187,19 @@ def grade_part(submission, part, limits, protected):
 # ---------------------------------------------------------------- the report
 
 
-def write_report(out, rows, protected):
+def write_report(out, rows, protected, without_isolation=False):
     """report.csv, report.md and <submission>/results.json under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "report.csv", "w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(COLUMNS)
         writer.writerows(row_values(name, result) for name, result in rows)
-    (out / "report.md").write_text(markdown(rows, protected))
+    (out / "report.md").write_text(markdown(rows, protected, without_isolation))
     for name in dict.fromkeys(name for name, _ in rows):
         folder = out / safe_name(name)
         folder.mkdir(exist_ok=True)
         mine = [result for row_name, result in rows if row_name == name]
-        (folder / "results.json").write_text(json.dumps(gradescope(mine), indent=1))
+        (folder / "results.json").write_text(json.dumps(gradescope(mine, without_isolation=without_isolation), indent=1))
 
 
 def row_values(name, result):
@@ -205,10 +213,11 @@ def verdict_counts(rows):
     return {verdict: sum(result.verdict == verdict for _, result in rows) for verdict in VERDICTS}
 
 
-def markdown(rows, protected):
+def markdown(rows, protected, without_isolation=False):
     """The report as a Markdown page: protections, counts of each verdict, the table."""
     counts = verdict_counts(rows)
     lines = ["# Grading report", "", "## Protections in force", ""]
+    lines += [f"**{WITHOUT_ISOLATION}**", ""] if without_isolation else []
     lines += [f"- {name}: {what}" if what else f"- {name}: **not in force** on this machine"
               for name, what in protected.items()]
     lines += ["", "## Verdicts", "", " | ".join(f"{verdict}: {count}" for verdict, count in counts.items()), "",
@@ -218,54 +227,83 @@ def markdown(rows, protected):
     return "\n".join(lines) + "\n"
 
 
-def gradescope(results, points=POINTS, checks=None):
+def gradescope(results, points=POINTS, checks=None, without_isolation=False):
     """A submission's results.json in Gradescope's format: for each part graded, one test per
-    check of its contract (``checks``: part -> names; by default collected from the contract),
-    named "Part A (vae.py): <check>", the part's ``points`` shared by the checks that ran.
-
-    A check the box could not run (the meta device's limits) and a portability warning are
-    0-point tests that say why, so that a course-correct file gets full marks. A check that a
-    file stopped before (a crash, a loop, memory) and every check of a part that could not be
-    checked (missing, refused) score 0, with the reason. A check that judges what the box
-    observed beside the file's answers (its record says what it ``rests_on``) scores only when
-    the checks it rests on passed: faking what the box observed earns nothing by itself.
-    """
+    check of its contract (``checks``: part -> {name: weight}; by default collected from the
+    contract), named "Part A (vae.py): <check>", the part's ``points`` shared by every check in
+    proportion to its weight, fixed before the file ran (``graded_checks``)."""
     tests, score = [], 0.0
     for result in results:
-        names = checks[result.part] if checks else expected_checks(result.part)
-        part_tests, part_score = graded_checks(result, points[result.part], names)
+        weights = checks[result.part] if checks else expected_checks(result.part)
+        part_tests, part_score = graded_checks(result, points[result.part], weights)
         tests += part_tests
         score += part_score
-    return {"score": round(score, 2), "tests": tests}
+    graded = {"score": round(score, 2), "tests": tests}
+    return {**graded, "output": WITHOUT_ISOLATION} if without_isolation else graded
 
 
-def graded_checks(result, points, names):
-    """(Gradescope's tests of one part, their score): see ``gradescope``."""
-    label = f"Part {result.part} ({PARTS[result.part][0]})"
+def graded_checks(result, points, weights):
+    """(Gradescope's tests of one part, their score).
+
+    Every check keeps its share whatever the file does: one it stopped (whatever it raised), or
+    that a file stopped before (a crash, a loop, memory), and every check of a part that could
+    not be checked (missing, refused) score 0, with the reason. A check scores when it passed
+    and every check it ``rests_on`` (the handout's values it belongs to) scored; a device check
+    the judge could not run (the simulated GPU's limits, ``NOT_RUN``) scores on the same terms,
+    and says so. A portability warning is a 0-point test that says why."""
+    label = f"Part {result.part} ({PARTS[result.part].file})"
     recorded = {test["test"]: test for test in result.tests}
-    not_run = {name for name, test in recorded.items() if test["outcome"] == "skipped"}
-    worth = dict(zip([name for name in names if name not in not_run], shares(points, len(names) - len(not_run))))
+    worth = dict(zip(weights, shares(points, list(weights.values()))))
     stopped = f"not run: {result.verdict}: {result.first_failure}"
-    passed = [name for name, test in recorded.items() if test["outcome"] == "passed"]
+    scored = scored_checks(recorded)
     tests, score = [], 0.0
-    for name in names:
+    for name in weights:
         record = recorded.get(name, {"outcome": "stopped", "message": stopped})
-        unmet = [check for check in record.get("rests_on", []) if not any(
-            done == check or done.startswith(f"{check}[") for done in passed)]
-        earned = worth.get(name, 0) if record["outcome"] == "passed" and not unmet else 0
-        message = (f"passed, not scored: it rests on {unmet[0]}, which did not pass" if record["outcome"] == "passed"
-                   and unmet else record["message"])
-        tests.append(gradescope_test(f"{label}: {name}", earned, worth.get(name, 0), message))
+        earned = worth[name] if name in scored else 0
+        tests.append(gradescope_test(f"{label}: {name}", earned, worth[name], check_output(record, scored)))
         score += earned
     if result.verdict == "portability":
         tests.append(gradescope_test(f"{label}: portability", 0, 0, result.first_failure))
     return tests, round(score, 2)
 
 
-def shares(points, count):
-    """``points`` split into ``count`` shares in whole hundredths that add up to it exactly."""
-    base, extra = divmod(round(points * 100), max(1, count))
-    return [(base + (index < extra)) / 100 for index in range(count)]
+def scored_checks(recorded):
+    """The names of the checks that score: passed (or not run by the judge's decision), with
+    every check they rest on scored in turn."""
+    not_run = shared("contract_probes").NOT_RUN
+    scored = {name for name, record in recorded.items() if record["outcome"] == "passed" or (
+        record["outcome"] == "skipped" and record["message"].startswith(not_run) and record.get("rests_on"))}
+    while True:
+        kept = {name for name in scored if not unmet(recorded[name], scored)}
+        if kept == scored:
+            return scored
+        scored = kept
+
+
+def unmet(record, scored):
+    """The checks ``record`` rests on that did not score (a name covers its parametrized checks)."""
+    return [check for check in record.get("rests_on", [])
+            if not any(name == check or name.startswith(f"{check}[") for name in scored)]
+
+
+def check_output(record, scored):
+    """What a check's test says: its message, or why a check that passed does not score."""
+    missing = unmet(record, scored)
+    if record["outcome"] in ("passed", "skipped") and missing:
+        return f"{record['outcome']}, not scored: it rests on {missing[0]}, which did not score"
+    return record["message"]
+
+
+def shares(points, weights):
+    """``points`` split in proportion to ``weights``, in whole hundredths that add up to it
+    exactly (the largest remainders get the hundredths left over)."""
+    total, hundredths = sum(weights) or 1, round(points * 100)
+    exact = [hundredths * weight / total for weight in weights]
+    floors = [int(value) for value in exact]
+    left = hundredths - sum(floors)
+    for index in sorted(range(len(weights)), key=lambda index: floors[index] - exact[index])[:left]:
+        floors[index] += 1
+    return [value / 100 for value in floors]
 
 
 def gradescope_test(name, score, max_score, output):
@@ -291,6 +329,8 @@ def parse_args(argv=None):
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="submissions checked at once (default: CPU count)")
     parser.add_argument("--seconds", type=float, default=Limits.seconds, help="wall time per file and part")
     parser.add_argument("--memory-gib", type=float, default=Limits.memory_bytes / 2 ** 30, help="memory per file and part")
+    parser.add_argument("--without-isolation", action="store_true",
+                        help="grade where a file could write the grader (every result says so)")
     args = parser.parse_args(argv)
     if not args.submissions.is_dir():
         parser.error(f"{args.submissions} is not a folder; pass the folder that holds the submissions")
@@ -303,7 +343,10 @@ def main(argv=None):
     """Entry point: grade, then print the counts of each verdict and where the report is."""
     args = parse_args(argv)
     limits = Limits(seconds=args.seconds, memory_bytes=int(args.memory_gib * 2 ** 30))
-    rows = grade(args.submissions, args.out, limits, args.jobs)
+    try:
+        rows = grade(args.submissions, args.out, limits, args.jobs, without_isolation=args.without_isolation)
+    except IsolationMissing as missing:
+        raise SystemExit(str(missing)) from None
     counts = verdict_counts(rows)
     print(", ".join(f"{verdict} {count}" for verdict, count in counts.items() if count), f"-> {args.out / 'report.csv'}")
 

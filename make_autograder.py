@@ -29,8 +29,8 @@ import time
 import zipfile
 from pathlib import Path
 
-from grade_submissions import POINTS, gradescope, grade_part, IGNORED_FOLDERS, read_submission
-from submission_checks import PARTS, Limits, expected_checks, protections
+from grade_submissions import POINTS, WITHOUT_ISOLATION, gradescope, grade_part, IGNORED_FOLDERS, read_submission
+from submission_checks import PARTS, IsolationMissing, Limits, digests, expected_checks, protections, require_isolation
 
 REPO_ROOT = Path(__file__).resolve().parent
 CONFIG = "autograder.json"  # the parts graded, their points and checks, the limits
@@ -67,21 +67,25 @@ def requirement_lines():
     return lines
 
 
-def config(parts, points, limits):
-    """The autograder's settings: each part graded, with its points and its checks, and the
-    box's limits."""
-    return {"parts": {part: {"points": points[part], "checks": list(expected_checks(part))} for part in parts},
-            "limits": {"seconds": limits.seconds, "memory_bytes": limits.memory_bytes}}
+def config(parts, points, limits, without_isolation=False):
+    """The autograder's settings: each part graded, with its points, its checks and their
+    weights, and the sha256 of each grading file; the box's limits; whether to grade without
+    isolation."""
+    return {"parts": {part: {"points": points[part], "checks": expected_checks(part), "files": digests(part)}
+                      for part in parts},
+            "limits": {"seconds": limits.seconds, "memory_bytes": limits.memory_bytes},
+            "without_isolation": without_isolation}
 
 
 def source_files():
     """Repository paths of every file run_autograder needs: the tools, and both parts' contracts
-    with what they read."""
-    contracts = [name for _, contract, _, support in PARTS.values() for name in (contract, *support)]
+    with their probes and what they read."""
+    contracts = [name for spec in PARTS.values()
+                 for name in (spec.contract, spec.probes, *spec.judge_reads, *spec.probes_read)]
     return [*TOOLS, *contracts]
 
 
-def build(output, parts, points, limits):
+def build(output, parts, points, limits, without_isolation=False):
     """Write the autograder's zip to ``output``."""
     requirements = requirement_lines()
     torch = " ".join(f'"{requirements[name]}"' for name in ("torch", "torchvision"))
@@ -90,7 +94,7 @@ def build(output, parts, points, limits):
         write_executable(archive, "setup.sh", SETUP_SH.format(cpu_torch=CPU_TORCH, torch=torch))
         write_executable(archive, "run_autograder", RUN_AUTOGRADER)
         archive.writestr("requirements.txt", "\n".join(others) + "\n")
-        archive.writestr(CONFIG, json.dumps(config(parts, points, limits), indent=1))
+        archive.writestr(CONFIG, json.dumps(config(parts, points, limits, without_isolation), indent=1))
         for name in source_files():
             archive.write(REPO_ROOT / name, name)
 
@@ -106,20 +110,27 @@ def write_executable(archive, name, text):
 
 
 def graded(upload, settings):
-    """The results.json of the submission in the folder ``upload``."""
+    """The results.json of the submission in the folder ``upload``. Raises IsolationMissing
+    where the box could write the grader (unless the zip was built --without-isolation), and
+    RuntimeError where the grading files are not the ones the zip was built with."""
     started = time.monotonic()
+    parts, limits = settings["parts"], Limits(**settings["limits"])
+    protected = protections(limits)
+    if not settings["without_isolation"]:
+        require_isolation(protected)
+    changed = [part for part in parts if digests(part) != parts[part]["files"]]
+    if changed:
+        raise RuntimeError(f"the grading files of part {changed[0]} are not the ones this autograder was built with: "
+                           "build it again with make_autograder.py")
     with tempfile.TemporaryDirectory(prefix="a3_autograder_") as scratch:
         submission = read_submission(upload, Path(scratch))
         if not submission.files and (whole := lone_zip(upload)):  # a zip Gradescope left whole
             submission = read_submission(whole, Path(scratch))
-        parts = settings["parts"]
-        limits = Limits(**settings["limits"])
-        protected = protections(limits)
         results = [grade_part(submission, part, limits, protected) for part in parts]
     points = {part: parts[part]["points"] for part in parts}
     checks = {part: parts[part]["checks"] for part in parts}
-    return {**gradescope(results, points, checks), "execution_time": round(time.monotonic() - started),
-            "visibility": "visible", "stdout_visibility": "hidden"}
+    return {**gradescope(results, points, checks, settings["without_isolation"]),
+            "execution_time": round(time.monotonic() - started), "visibility": "visible", "stdout_visibility": "hidden"}
 
 
 def lone_zip(upload):
@@ -133,7 +144,10 @@ def run(root):
     write ``root``/results/results.json."""
     root = Path(root)
     settings = json.loads((root / "source" / CONFIG).read_text())
-    results = graded(root / "submission", settings)
+    try:
+        results = graded(root / "submission", settings)
+    except (IsolationMissing, RuntimeError) as stopped:  # said to the student and to staff, never a traceback
+        results = {"score": 0, "output": f"Not graded: {stopped}", "tests": [], "visibility": "visible"}
     (root / "results").mkdir(parents=True, exist_ok=True)
     (root / "results" / "results.json").write_text(json.dumps(results, indent=1))
     print(f"score {results['score']} in {results['execution_time']} s; the box's protections here:")
@@ -149,16 +163,17 @@ def shown_to_the_student(results):
         if test["output"] and (test["score"] < test["max_score"] or test["max_score"] == 0):
             lines.append(f"{'':>20}{test['output']}")
     lines.append(f"Total: {results['score']}")
+    lines += [results["output"]] if results.get("output") else []
     return "\n".join(lines)
 
 
-def local(submission, parts, points, limits):
+def local(submission, parts, points, limits, without_isolation=False):
     """--local: grade one submission (a folder or a zip) on this machine, as Gradescope would."""
     with tempfile.TemporaryDirectory(prefix="a3_upload_") as folder:
         upload = Path(submission)
         if upload.is_file():  # a zip, held in a folder as Gradescope holds an upload
             upload = Path(shutil.copy(upload, folder)).parent
-        print(shown_to_the_student(graded(upload, config(parts, points, limits))))
+        print(shown_to_the_student(graded(upload, config(parts, points, limits, without_isolation))))
 
 
 def points_of(text):
@@ -183,6 +198,8 @@ def parse_args(argv=None):
                         help=f"points of a part, e.g. A=100 B=50 (default: {' '.join(f'{p}={n}' for p, n in POINTS.items())})")
     parser.add_argument("--seconds", type=float, default=Limits.seconds, help="wall time per part and submission")
     parser.add_argument("--memory-gib", type=float, default=Limits.memory_bytes / 2 ** 30, help="memory per part")
+    parser.add_argument("--without-isolation", action="store_true",
+                        help="grade where a file could write the grader (every result says so)")
     args = parser.parse_args(argv)
     args.points = {**POINTS, **dict(args.points)}
     args.limits = Limits(seconds=args.seconds, memory_bytes=int(args.memory_gib * 2 ** 30))
@@ -196,10 +213,13 @@ def main(argv=None):
     if args.run is not None:
         run(args.run)
     elif args.local is not None:
-        local(args.local, args.parts, args.points, args.limits)
+        try:
+            local(args.local, args.parts, args.points, args.limits, args.without_isolation)
+        except IsolationMissing as missing:
+            raise SystemExit(str(missing)) from None
     else:
         try:
-            build(args.output, args.parts, args.points, args.limits)
+            build(args.output, args.parts, args.points, args.limits, args.without_isolation)
         except OSError as error:
             raise SystemExit(f"Cannot write {args.output}: {error.strerror or error}. "
                              "Choose a folder you can write to.") from None

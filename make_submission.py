@@ -30,12 +30,12 @@ REPO_ROOT = Path(__file__).resolve().parent
 PART_FOLDERS = {"A": "A3_PartA", "B": "A3_PartB"}
 PART_FILES = {  # the starter's files, and the modules of this package that they import
     "A": ("vae.py", "a3_helper.py", "variational_autoencoders.ipynb",
-          "vae_contract.py", "contract_check.py", "contract_probes.py"),  # the notebook's check before training
+          "vae_contract.py", "vae_probes.py", "contract_check.py", "contract_probes.py"),  # the notebook's check
     "B": ("diffusion.py", "main.py", "trainer.py", "unet.py", "utils.py",
           "afhq.py", "checkpoints.py", "device.py", "fid_score.py", "files.py", "images.py",
           "reporting.py", "settings.py", "run_diffusion.ipynb", "requirements.txt",
-          "diffusion_contract.py", "diffusion_reference.py", "simulated_devices.py", "contract_check.py",
-          "contract_probes.py"),
+          "diffusion_contract.py", "diffusion_probes.py", "diffusion_reference.py", "simulated_devices.py",
+          "contract_check.py", "contract_probes.py"),
 }
 
 

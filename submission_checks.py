@@ -9,19 +9,28 @@ picks by default, but the file chooses its device itself instead of from its inp
 
 A student's file is code from a stranger. Each runs in a child process, in a fresh temporary
 folder that is its HOME, TMPDIR and working folder, with an environment that holds none of the
-caller's variables, under limits on wall time, CPU time, memory, file size and output. Where the
-machine allows it (Linux, ``unshare``; as root also ``setpriv`` and a cgroup), it also runs without
-network, unable to see or signal other processes, with the file system read-only outside its
-folder and a cap on its processes: ``protections()`` says which hold here.
+caller's variables, under limits on wall time, CPU time, memory, file size and output, and never
+as root: as root, the box runs as the unprivileged user ``nobody`` (``setpriv``), which owns only
+its folder; without root, in a user namespace whose file system is read-only outside its folder.
+Where the machine allows it (``unshare``), it also runs without network, unable to see or signal
+other processes, with the file system read-only outside its folder, the homes and the devices
+hidden, and (as root, with a cgroup) a cap on its processes: ``protections()`` says which hold
+here. Where the box could write the grader (``isolated()`` is false), grading stops
+(IsolationMissing) unless staff ask for it without isolation.
 
-The file cannot grade itself: the box only answers each check's probe with data, on inputs the
-contract drew in the grader's process from a seed drawn afresh, and the contract judges those
-answers in a process that never imports the file (contract_probes.py).
+The file cannot grade itself: the box holds only the part's probes (never the contract, its
+references or its judges), answers each check's probe with data, on inputs the contract drew in
+the grader's process from a seed drawn afresh, and the contract judges those answers in a
+process that never imports the file (contract_probes.py). Those grading phases run in an
+isolated interpreter (``python -I``, no conftest, no plugin), under the box's time and memory
+limits, on a copy of the contracts written from the bytes read when grading began, in a folder
+of the grader's own that the box cannot reach.
 
     python submission_checks.py --enter-box CONFIG   (the box's first step, started by run_box)
 """
 
 import functools
+import hashlib
 import json
 import os
 import secrets
@@ -35,21 +44,44 @@ import uuid
 from dataclasses import dataclass, field
 from importlib.util import find_spec, module_from_spec, spec_from_file_location
 from pathlib import Path
+from typing import NamedTuple
+
+try:
+    import resource  # POSIX only: the limits of the box and of the grading phases
+except ImportError:
+    resource = None
 
 REPO_ROOT = Path(__file__).resolve().parent
 VERDICTS = ("pass", "portability", "fail", "error", "timeout", "memory", "missing")
-PARTS = {  # part -> (file checked, its contract, the variable naming the file, files the contract reads)
-    "A": ("vae.py", "A3_PartA/vae_contract.py", "A3_VAE",
-          ("A3_PartA/a3_helper.py", "A3_PartA/contract_check.py", "A3_PartA/contract_probes.py")),
-    "B": ("diffusion.py", "A3_PartB/diffusion_contract.py", "A3_DIFFUSION",
-          ("A3_PartB/diffusion_reference.py", "A3_PartB/simulated_devices.py", "A3_PartB/contract_check.py",
-           "A3_PartB/contract_probes.py")),
+
+
+class Part(NamedTuple):
+    """What grading one part takes: the file checked, its contract, the variable naming the file,
+    the probes the box answers, what else the judge reads and what else the probes read."""
+
+    file: str
+    contract: str
+    variable: str
+    probes: str
+    judge_reads: tuple
+    probes_read: tuple
+
+
+PARTS = {
+    "A": Part("vae.py", "A3_PartA/vae_contract.py", "A3_VAE", "A3_PartA/vae_probes.py",
+              ("A3_PartA/contract_check.py",), ("A3_PartA/contract_probes.py", "A3_PartA/a3_helper.py")),
+    "B": Part("diffusion.py", "A3_PartB/diffusion_contract.py", "A3_DIFFUSION", "A3_PartB/diffusion_probes.py",
+              ("A3_PartB/diffusion_reference.py", "A3_PartB/contract_check.py"),
+              ("A3_PartB/contract_probes.py", "A3_PartB/simulated_devices.py")),
 }
 SHARED = REPO_ROOT / "A3_PartA"  # contract_check.py and contract_probes.py, the same in A3_PartB
 MEMORY_SIGNS = ("MemoryError", "not enough memory", "Cannot allocate memory", "bad_alloc", "out of memory")
 FILE_SIZE_SIGNS = ("File too large",)
 PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
 SIBLING_BYTES = 5 * 2 ** 20  # a .py file beside the checked one, copied with it unless larger
+ANSWER_BYTES = 64 * 2 ** 20  # an answer file larger than this is not taken from the box
+BOX_USER = 65534  # nobody: the box's user (and group) when the grader is root
+KEPT_DEVICES = ("null", "zero", "full", "random", "urandom")  # the only devices a box sees
 MiB = 2 ** 20
 
 
@@ -66,6 +98,10 @@ def shared(name):
 
 class PhaseStopped(RuntimeError):
     """A grading phase (contract_probes.py) that did not finish, and how it ended."""
+
+
+class IsolationMissing(RuntimeError):
+    """The box could write the grader on this machine: what is missing and how to get it."""
 
 
 @dataclass(frozen=True)
@@ -94,19 +130,48 @@ class Result:
 
 
 @functools.cache
+def judge_sources(part):
+    """{path in the repository: its bytes} of every file part's grading phases run, read once,
+    when grading begins: whatever happens to the repository later, the judges run these."""
+    spec = PARTS[part]
+    return {relative: (REPO_ROOT / relative).read_bytes()
+            for relative in (spec.contract, spec.probes, *spec.judge_reads, *spec.probes_read)}
+
+
+def digests(part):
+    """{path in the repository: the sha256 of its bytes} of part's grading files."""
+    return {relative: hashlib.sha256(data).hexdigest() for relative, data in judge_sources(part).items()}
+
+
+def write_judges(part, folder):
+    """Write part's grading files, as read when grading began, into the grader's own ``folder``
+    (which nothing else writes): the folder's contract."""
+    folder.mkdir()
+    for relative, data in judge_sources(part).items():
+        (folder / Path(relative).name).write_bytes(data)
+    return folder / Path(PARTS[part].contract).name
+
+
+def judges_intact(part, folder):
+    """Whether ``folder`` holds exactly part's grading files, byte for byte (no conftest.py,
+    no cache, nothing planted), as write_judges wrote them."""
+    expected = {Path(relative).name: data for relative, data in judge_sources(part).items()}
+    found = {path.name for path in folder.iterdir()}
+    return found == set(expected) and all((folder / name).read_bytes() == data for name, data in expected.items())
+
+
+@functools.cache
 def expected_checks(part):
-    """The names of part's checks, as its box reports them (parametrized ones with their
-    parameters), collected from this repository's contract: what a file is graded on even
-    when it stops before running them all."""
-    contract = REPO_ROOT / PARTS[part][1]
-    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                                "--rootdir", str(contract.parent), str(contract)],
-                               capture_output=True, text=True, cwd=contract.parent,
-                               env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
-    names = [line.split("::")[-1] for line in collected.stdout.splitlines() if "::" in line]
-    if collected.returncode != 0 or not names:
-        raise RuntimeError(f"could not collect the checks of {contract}:\n{collected.stdout[-2000:]}{collected.stderr[-2000:]}")
-    return tuple(names)
+    """{name: weight} of part's checks, as its box reports them (parametrized ones with their
+    parameters), collected from this repository's contract before any file runs: what a file
+    is graded on, and how much each check weighs, even when it stops before running them all."""
+    with tempfile.TemporaryDirectory(prefix="a3_collect_") as scratch:
+        contract = write_judges(part, Path(scratch) / "judges")
+        records = phase_records("collect", contract, Path(scratch), 0, Limits())
+    checks = {record["check"]: record["weight"] for record in records if "check" in record}
+    if not checks:
+        raise RuntimeError(f"could not collect the checks of {PARTS[part].contract}: {records[-3:]}")
+    return checks
 
 
 # ---------------------------------------------------------------- what this machine allows
@@ -115,7 +180,8 @@ def expected_checks(part):
 def protections(limits=Limits()):
     """{protection: what holds on this machine, or None where it does not}, in a fixed order."""
     namespaces = namespaces_work()
-    as_root = namespaces and os.geteuid() == 0 and shutil.which("setpriv") and shutil.which("mount")
+    read_only = namespaces and bool(shutil.which("mount")) and bool(shutil.which("setpriv"))
+    as_root = os.geteuid() == 0 and bool(shutil.which("setpriv")) and (read_only or python_reachable_by_anyone())
     return {
         "own folder": "a fresh temporary folder as HOME, TMPDIR and working folder, deleted afterwards",
         "environment": "none of the grader's variables (credentials, tokens, keys): PATH and locale only",
@@ -123,18 +189,43 @@ def protections(limits=Limits()):
                    f"{limits.memory_bytes / 2 ** 30:g} GiB memory, {limits.file_bytes // MiB} MiB per file "
                    "written (printed output included), the whole process group killed at the end")
                   if can_set_limits() else None,
+        "user": (f"the unprivileged user nobody (uid {BOX_USER}), owning only its folder, without any capability"
+                 if as_root else "a user namespace of its own, without any capability on this machine"
+                 if read_only else None),
         "network": "none (a network namespace of its own)" if namespaces else None,
         "other processes": "cannot see or signal them (a PID namespace of its own)" if namespaces else None,
-        "file system": ("read-only outside its folder, your home, /root and /home hidden but for the "
-                        "Python installation (a mount namespace of its own, every capability dropped so "
-                        "that it cannot be remounted)") if as_root else None,
+        "file system": ("read-only outside its folder; your home, /root, /home and the devices but /dev/null, "
+                        "zero, full, random and urandom hidden (a mount namespace of its own)") if read_only else None,
         "process count": (f"at most {limits.processes} processes and threads (a pids cgroup)"
-                          if as_root and pids_cgroup_works() else None),
+                          if as_root and namespaces and pids_cgroup_works() else None),
     }
 
 
+def isolated(protected):
+    """Whether the box can write nothing of the grader's: it runs as an unprivileged user (the
+    grader being root), or in a user namespace with the file system read-only outside its folder."""
+    return bool(protected["user"]) and (os.geteuid() == 0 or bool(protected["file system"]))
+
+
+def require_isolation(protected):
+    """Raise IsolationMissing, naming what is missing and how to get it, unless ``isolated``."""
+    if not isolated(protected):
+        raise IsolationMissing(
+            "Grading stopped: a student's file could write this grader's files here. Run it as root (a "
+            "container or a throw-away VM; needs setpriv from util-linux), or as a user where user namespaces "
+            "work (`unshare --user --map-root-user --mount true`), or pass --without-isolation to grade "
+            "anyway, every result marked as graded without isolation.")
+
+
+def python_reachable_by_anyone():
+    """Whether every folder above this Python and its packages lets any user through, as the
+    box's user needs where no mount namespace shows it them."""
+    folders = {Path(folder).resolve() for folder in python_folders()}
+    return all(os.stat(folder).st_mode & 0o001 for path in folders for folder in (path, *path.parents))
+
+
 def can_set_limits():
-    return find_spec("resource") is not None
+    return resource is not None
 
 
 def namespaces_work():
@@ -162,23 +253,27 @@ def check_file(part, path, shown_as, limits=Limits(), protected=None):
     """The Result of part's contract on the file at ``path`` (``shown_as`` in messages).
 
     The file never runs in this process or in one that judges it (contract_probes.py): the
-    contract draws each check's inputs here, from a seed drawn afresh; the box answers each
-    check's probe; the contract judges the answers here, read as data only."""
+    contract draws each check's inputs in a folder of the grader's own, from a seed drawn
+    afresh; the box answers each check's probe; the contract judges the answers there, read as
+    data only."""
     if not Path(path).is_file():
-        return Result(part, shown_as, "missing", first_failure=f"no {PARTS[part][0]} found")
+        return Result(part, shown_as, "missing", first_failure=f"no {PARTS[part].file} found")
     protected = protections(limits) if protected is None else protected
-    box = Path(tempfile.mkdtemp(prefix="a3_box_"))
+    box, grader = Path(tempfile.mkdtemp(prefix="a3_box_")), Path(tempfile.mkdtemp(prefix="a3_grader_"))
     cgroup = make_pids_cgroup(limits) if protected["process count"] else None
     try:
-        exchange, seed = box / "exchange", secrets.randbelow(2 ** 31)
-        questions = draw_inputs(part, exchange, seed)
+        contract = write_judges(part, grader / "judges")
+        exchange, seed = grader / "exchange", secrets.randbelow(2 ** 31)
+        questions = draw_inputs(contract, exchange, seed, limits)
         config = prepare_box(box, part, Path(path), limits, protected, cgroup, exchange / "inputs")
         started = time.monotonic()
         returncode, timed_out = run_box(box, config, limits, protected, cgroup)
         seconds = round(time.monotonic() - started, 1)
         finished = take_answers(box, exchange / "answers", questions)
         try:
-            records = judged_records(part, exchange, seed, finished)
+            if not judges_intact(part, contract.parent):
+                raise PhaseStopped("the grader's files changed while the box ran")
+            records = judged_records(contract, exchange, seed, finished, limits)
         except PhaseStopped as stopped:  # on what the box wrote: its verdict, not the grader's crash
             return Result(part, shown_as, "error", first_failure=f"its answers could not be judged: {stopped}",
                           seconds=seconds)
@@ -187,15 +282,22 @@ def check_file(part, path, shown_as, limits=Limits(), protected=None):
     finally:
         remove_cgroup(cgroup)
         remove_tree(box)
+        remove_tree(grader)
 
 
-def grading_phase(part, phase, exchange, seed):
-    """The records of part's contract run in this grading ``phase`` ("inputs" or "judge"), in a
-    process of the grader's own that never imports the file under test."""
-    contract = REPO_ROOT / PARTS[part][1]
+def phase_records(phase, contract, exchange, seed, limits):
+    """The records of ``contract`` (in the grader's own folder) run in this grading ``phase``
+    ("collect", "inputs" or "judge"), in an isolated interpreter of the grader's own that never
+    imports the file under test, under the box's time and memory limits."""
     records = exchange / f"{phase}.jsonl"
-    run = subprocess.run([sys.executable, str(contract.parent / "contract_check.py"), phase, str(contract),
-                          str(exchange), str(seed), str(records)], cwd=contract.parent, capture_output=True, text=True)
+    command = [sys.executable, "-I", "-B", str(contract.parent / "contract_check.py"), phase, str(contract),
+               str(exchange), str(seed), str(records)]
+    try:
+        run = subprocess.run(command, cwd=contract.parent, capture_output=True, text=True, timeout=limits.seconds,
+                             env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+                             preexec_fn=functools.partial(limit_grading_phase, limits) if can_set_limits() else None)
+    except subprocess.TimeoutExpired:
+        raise PhaseStopped(f"the {phase} phase of {contract.name} did not finish within {limits.seconds:g} s") from None
     found = read_records(records, exchange)
     if run.returncode not in (0, 1) or not any("done" in record for record in found):
         raise PhaseStopped(f"the {phase} phase of {contract.name} stopped ({how_it_ended(exit_status(run.returncode))}): "
@@ -203,37 +305,52 @@ def grading_phase(part, phase, exchange, seed):
     return found
 
 
-def draw_inputs(part, exchange, seed):
+def limit_grading_phase(limits):
+    """A grading phase's limits, in its child before it starts: the box's memory and CPU time."""
+    for name, value in (("RLIMIT_AS", limits.memory_bytes), ("RLIMIT_CPU", limits.cpu_seconds), ("RLIMIT_CORE", 0)):
+        lower_limit(getattr(resource, name), value)
+
+
+def lower_limit(which, value):
+    """Set a resource limit to ``value``, never above the limit already in force."""
+    _, hard = resource.getrlimit(which)
+    value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+    resource.setrlimit(which, (value, value))
+
+
+def draw_inputs(contract, exchange, seed, limits):
     """Save each check's inputs, drawn from ``seed``, under ``exchange``/inputs: their file names."""
     (exchange / "inputs").mkdir(parents=True)
     drawn = shared("contract_probes").INPUTS_DRAWN
-    unexpected = [record for record in grading_phase(part, "inputs", exchange, seed)
+    unexpected = [record for record in phase_records("inputs", contract, exchange, seed, limits)
                   if "test" in record and record["message"] != drawn]
     if unexpected:
-        raise RuntimeError(f"checks of part {part} ended before drawing their inputs: {unexpected[:3]}")
+        raise RuntimeError(f"checks of {contract.name} ended before drawing their inputs: {unexpected[:3]}")
     return sorted(path.name for path in (exchange / "inputs").glob("*.pt"))
 
 
 def take_answers(box, answers, questions):
     """Copy the box's answers to ``questions`` (and the one saying the file did not import) into
-    ``answers``: regular files only, at their own place in the box, nothing else of it. Whether
-    the box answered them all (or the import's failure, which ends its run)."""
+    ``answers``: regular files of at most ANSWER_BYTES only, at their own place in the box,
+    nothing else of it. Whether the box answered them all (or the import's failure, which ends
+    its run)."""
     answers.mkdir()
     given = box.resolve() / "home" / "answers"
     import_answer = f"{shared('contract_probes').IMPORT_ANSWER}.pt"
     for name in (*questions, import_answer):
         path = box / "home" / "answers" / name
-        if path.resolve() == given / name and path.is_file() and not path.is_symlink():
+        if (path.resolve() == given / name and path.is_file() and not path.is_symlink()
+                and path.stat().st_size <= ANSWER_BYTES):
             shutil.copyfile(path, answers / name)
     return (answers / import_answer).is_file() or all((answers / name).is_file() for name in questions)
 
 
-def judged_records(part, exchange, seed, finished):
+def judged_records(contract, exchange, seed, finished, limits):
     """The records of the judge phase: one per check the box answered, then ``{"done": True}``
     if it answered them all, else ``{"running": the first check it did not answer}`` where it
     answered some (one that answered none stopped on importing the file)."""
     not_answered = shared("contract_probes").NOT_ANSWERED
-    records = grading_phase(part, "judge", exchange, seed)
+    records = phase_records("judge", contract, exchange, seed, limits)
     kept = [record for record in records if "done" not in record and record.get("message") != not_answered]
     skipped = [record["test"] for record in records if record.get("message") == not_answered]
     running = [{"running": skipped[0]}] if skipped and any("test" in record for record in kept) else []
@@ -241,29 +358,49 @@ def judged_records(part, exchange, seed, finished):
 
 
 def prepare_box(box, part, path, limits, protected, cgroup, inputs):
-    """Copy the contract, what it reads, the checks' ``inputs`` and the student's file, with the
-    .py files beside it, into ``box``/check (read-only inside the box where the file system is),
-    make ``box``/home; return the box's settings."""
-    file_name, contract, _, support = PARTS[part]
+    """Copy the part's probes, what they read, the checks' ``inputs`` and the student's file,
+    with the .py files beside it but for the grader's own (contract_probes.JUDGES_ONLY), into
+    ``box``/check, readable by the box's user; make ``box``/home, the one folder the box's
+    user owns; return the box's settings."""
+    spec = PARTS[part]
     check = box / "check"
-    for relative in (contract, *support):
+    for relative in (spec.probes, *spec.probes_read):
         (check / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO_ROOT / relative, check / relative)
     shutil.copy(Path(__file__), check / "submission_checks.py")
-    (check / "pytest.ini").write_text("[pytest]\n")
     (check / "submission").mkdir()
+    judges_only = {f"{name}.py" for name in shared("contract_probes").JUDGES_ONLY}
     for sibling in path.parent.glob("*.py"):  # what it may import, as it does beside them in its part
-        if sibling.is_file() and not sibling.is_symlink() and sibling.stat().st_size <= SIBLING_BYTES:
+        if (sibling.is_file() and not sibling.is_symlink() and sibling.stat().st_size <= SIBLING_BYTES
+                and sibling.name not in judges_only):
             shutil.copy(sibling, check / "submission" / sibling.name)
-    shutil.copy(path, check / "submission" / file_name)
+    shutil.copy(path, check / "submission" / spec.file)
     shutil.copytree(inputs, check / "inputs")
     (box / "home" / "tmp").mkdir(parents=True)
-    config = {"contract": str(check / contract), "file": str(check / "submission" / file_name),
-              "inputs": str(check / "inputs"), "answers": str(box / "home" / "answers"), "home": str(box / "home"), "limits": vars(limits), "read_only": bool(protected["file system"]),
+    config = {"probes": str(check / spec.probes), "file": str(check / "submission" / spec.file),
+              "inputs": str(check / "inputs"), "answers": str(box / "home" / "answers"), "home": str(box / "home"),
+              "limits": vars(limits), "read_only": bool(protected["file system"]),
+              "unprivileged": bool(protected["user"]) and os.geteuid() == 0,
               "cgroup": str(cgroup) if cgroup else None, "hidden": folders_to_hide(box),
               "python": sorted(python_folders())}
     (check / "config.json").write_text(json.dumps(config))
+    hand_over(box)
     return check / "config.json"
+
+
+def hand_over(box):
+    """As root: ``box`` and its check folder readable, its home owned by the box's user alone."""
+    if os.geteuid() != 0:
+        return
+    for folder, _, files in os.walk(box):
+        os.chmod(folder, 0o755)
+        for name in files:
+            os.chmod(Path(folder) / name, 0o644)
+    for folder, _, files in os.walk(box / "home"):
+        os.chown(folder, BOX_USER, BOX_USER)
+        os.chmod(folder, 0o700)
+        for name in files:
+            os.chown(Path(folder) / name, BOX_USER, BOX_USER)
 
 
 def run_box(box, config, limits, protected, cgroup):
@@ -442,33 +579,37 @@ def last_line(text):
 
 
 def enter_box(config_path):
-    """The child's first step: join the cgroup, make the file system read-only outside home, set
-    the limits, then answer the probes in a child of its own, without any capability where the
-    file system is read-only. Exit as that child did, a signal that ended it as 128 + its number
-    (``unshare`` hides signals, and so reports them)."""
+    """The child's first step: join the cgroup, make the file system read-only outside home with
+    the homes and devices hidden, set the limits, then answer the probes in a child of its own,
+    without any capability, as the unprivileged user where the grader is root. Exit as that child
+    did, a signal that ended it as 128 + its number (``unshare`` hides signals, and so reports them)."""
     config = json.loads(Path(config_path).read_text())
     if config["cgroup"]:
         Path(config["cgroup"], "cgroup.procs").write_text("0")  # 0: this process
     if config["read_only"]:
-        hide_homes(config["hidden"], config["python"], Path(config["home"]).parent / "kept")
+        staging = Path(config["home"]).parent / "kept"
+        hide_homes(config["hidden"], config["python"], staging)
+        hide_devices(staging / "devices")
         make_read_only_outside(config["home"])
     if can_set_limits():
-        set_limits(config["limits"])
-    without_capabilities = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--"]
-    contract = subprocess.run([*(without_capabilities if config["read_only"] else []),
+        set_limits(config["limits"], shared_user=config["unprivileged"])
+    user = [f"--reuid={BOX_USER}", f"--regid={BOX_USER}", "--clear-groups"] if config["unprivileged"] else []
+    without_capabilities = ["setpriv", *user, "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--"]
+    contract = subprocess.run([*(without_capabilities if config["read_only"] or user else []),
                                sys.executable, __file__, "--answer-probes", config_path])
     sys.exit(exit_status(contract.returncode))
 
 
-def set_limits(limits):
-    """The box's resource limits, inherited by everything it starts."""
-    import resource  # POSIX only
-
+def set_limits(limits, shared_user):
+    """The box's resource limits, inherited by everything it starts. Processes count per user:
+    where every box runs as the one unprivileged user, they share a cap of ``processes`` for
+    each CPU (as many boxes as run at once by default)."""
     cpu = limits["cpu_seconds"]
+    processes = limits["processes"] * ((os.cpu_count() or 1) if shared_user else 1)
     for name, soft, hard in [("RLIMIT_AS", limits["memory_bytes"], limits["memory_bytes"]),
                              ("RLIMIT_CPU", cpu, cpu + 5),  # SIGXCPU at the soft limit, SIGKILL at the hard one
                              ("RLIMIT_FSIZE", limits["file_bytes"], limits["file_bytes"]),
-                             ("RLIMIT_NPROC", limits["processes"], limits["processes"]), ("RLIMIT_CORE", 0, 0)]:
+                             ("RLIMIT_NPROC", processes, processes), ("RLIMIT_CORE", 0, 0)]:
         try:
             resource.setrlimit(getattr(resource, name), (soft, hard))
         except (AttributeError, ValueError, OSError):  # a limit this system does not have or lower
@@ -490,12 +631,25 @@ def hide_homes(homes, python, staging):
         subprocess.run(["mount", "--rbind", str(staging / str(index)), folder], check=True)
 
 
+def hide_devices(staging):
+    """In this mount namespace: /dev behind an empty file system but for KEPT_DEVICES, bound
+    back in place through ``staging``, which is then let go."""
+    staging.mkdir(parents=True)
+    subprocess.run(["mount", "--rbind", "/dev", str(staging)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=755", "hidden_devices", "/dev"], check=True)
+    for name in KEPT_DEVICES:
+        Path("/dev", name).touch()
+        subprocess.run(["mount", "--bind", str(staging / name), f"/dev/{name}"], check=True)
+    subprocess.run(["umount", "--lazy", "--recursive", str(staging)], check=True)
+
+
 def make_read_only_outside(home):
-    """In this mount namespace: every mount read-only, but ``home`` (bound onto itself) and /proc."""
+    """In this mount namespace: every mount read-only, but ``home`` (bound onto itself), /proc
+    and what hide_devices hid below /dev."""
     subprocess.run(["mount", "--make-rprivate", "/"], check=True)
     subprocess.run(["mount", "--bind", home, home], check=True)
     for mount_point, options in mounts():
-        if mount_point != home and not mount_point.startswith("/proc") and "ro" not in options:
+        if mount_point != home and not mount_point.startswith(("/proc", "/dev/")) and "ro" not in options:
             subprocess.run(["mount", "-o", "remount,bind,ro", mount_point], check=True)
 
 
@@ -511,10 +665,10 @@ def mounts():
 
 def answer_probes(config):
     """Answer each check's probe on the file, one file of data per check in home/answers."""
-    sys.path.insert(0, str(Path(config["contract"]).parent))
+    sys.path.insert(0, str(Path(config["probes"]).parent))
     from contract_probes import answer_probes as answer
 
-    answer(config["contract"], config["file"], Path(config["inputs"]), Path(config["answers"]))
+    answer(config["probes"], config["file"], Path(config["inputs"]), Path(config["answers"]))
 
 
 if __name__ == "__main__":

@@ -61,6 +61,12 @@ class Recorder:
         if type(warning_message.message).__name__ == "PortabilityWarning":
             self.write(warning=f"{nodeid.split('::')[-1]}: {warning_message.message}")
 
+    def pytest_collection_finish(self, session):
+        """In the ``collect`` phase: each check's name and weight (contract_probes.weight)."""
+        if os.environ.get("A3_CONTRACT_PHASE") == "collect":
+            for item in session.items:
+                self.write(check=item.nodeid.split("::")[-1], weight=getattr(item.function, "weight", 1))
+
     def pytest_sessionfinish(self, session, exitstatus):
         self.write(done=True)
 
@@ -81,15 +87,16 @@ def one_line(report):
     return first[:500]
 
 
-def run_contract(contract, variables, stream=None):
+def run_contract(contract, variables, stream=None, collect_only=False):
     """Run the contract at ``contract`` in this process, the environment holding ``variables``
     (the one naming the file under test, or a grading phase's: contract_probes.py): the
     Recorder's records. pytest runs alone, without the plugins installed beside it (one would
-    write its folders next to the contract) or its cache."""
+    write its folders next to the contract), any conftest.py or its cache."""
     recorder = Recorder(stream)
     with environment({**variables, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}):
-        pytest.main([str(contract), "-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception",
-                     "--rootdir", str(Path(contract).parent)], plugins=[recorder])
+        pytest.main([str(contract), "-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception", "--noconftest",
+                     "--rootdir", str(Path(contract).parent), *(["--collect-only"] if collect_only else [])],
+                    plugins=[recorder])
     return recorder.records
 
 
@@ -110,7 +117,8 @@ def environment(values):
 
 def finished_verdict(records):
     """(verdict, checks passed, checks run, its cause in one line) of a run that finished; the
-    cause of a pass is the first check that the meta device could not run, if any."""
+    cause of a pass is the first check that the meta device could not run, if any. A run in
+    which no check passed is never a pass."""
     tests = [record for record in records if "test" in record]
     passed = sum(record["outcome"] == "passed" for record in tests)
     errors = [record for record in tests if record["outcome"] == "error"]
@@ -122,6 +130,8 @@ def finished_verdict(records):
         verdict, cause = "error", f"does not import or crashes outside any check: {errors[0]['message']}"
     elif failures:
         verdict, cause = "fail", f"{failures[0]['test']}: {failures[0]['message']}"
+    elif not passed:
+        verdict, cause = "error", "no check ran"
     elif warnings:
         verdict, cause = "portability", warnings[0]
     else:
@@ -158,13 +168,16 @@ def check_before_training(contract, variable, file, train_anyway=False):
 
 def run_grading_phase(phase, contract, exchange, seed, records):
     """One of a grading's phases in the grader's process (contract_probes.py): the contract run
-    with ``phase``, ``exchange`` and ``seed``, its records written to the file ``records``."""
+    with ``phase`` ("collect", "inputs" or "judge"), ``exchange`` and ``seed``, its records
+    written to the file ``records``."""
     from contract_probes import EXCHANGE, PHASE, SEED
 
     with open(records, "w", buffering=1) as stream:
-        run_contract(contract, {PHASE: phase, EXCHANGE: str(exchange), SEED: str(seed)}, stream)
+        run_contract(contract, {PHASE: phase, EXCHANGE: str(exchange), SEED: str(seed)}, stream,
+                     collect_only=phase == "collect")
 
 
-if __name__ == "__main__":  # python contract_check.py PHASE CONTRACT EXCHANGE SEED RECORDS
+if __name__ == "__main__":  # python -I contract_check.py PHASE CONTRACT EXCHANGE SEED RECORDS
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # -I leaves this folder out
     run_grading_phase(*sys.argv[1:6])
 

@@ -2,9 +2,10 @@
 file in the process that judges it.
 
 Each check of a contract (vae_contract.py, diffusion_contract.py) draws its inputs, hands them
-to one *probe* (a function of the contract that calls the file and returns plain data: tensors,
-numbers, strings, in lists, tuples and dicts) through the ``run`` fixture (defined here), and judges what comes
-back against the handout's values for those inputs:
+to one *probe* (a function of the part's probes module, vae_probes.py or diffusion_probes.py,
+that calls the file and returns plain data: tensors, numbers, strings, in lists, tuples and
+dicts) through the ``run`` fixture (defined here), and judges what comes back against the
+handout's values for those inputs:
 
     def test_q_sample_mean(run):
         x_0 = images(T, seed=1)
@@ -17,14 +18,26 @@ A grader runs the same contract three times, with ``A3_CONTRACT_PHASE``:
 1. ``inputs``, in the grader's process: each check draws its inputs, from seeds offset by
    ``A3_CONTRACT_SEED`` (drawn afresh for each grading), and saves them with its probe's name;
 2. in the box, ``answer_probes`` imports the file and writes each probe's answer (or what it
-   raised) with ``torch.save``; nothing else of the box is read;
+   raised) with ``torch.save``; nothing else of the box is read. The box holds the probes
+   module, never the contract, its references or this part's judges (``JUDGES_ONLY``);
 3. ``judge``, in the grader's process again, which never imports the file: each check reads its
-   answer with ``torch.load(weights_only=True)`` and judges it, as in a student's run.
+   answer with ``torch.load(weights_only=True)``, checks that it is data of a bounded size
+   (``bounded``), and judges it, as in a student's run.
+
+Whatever the file raises in a probe (``pytest.skip`` and ``pytest.exit``, ``SystemExit``,
+``KeyboardInterrupt`` included) fails that check: a check the file stops earns nothing. Only the
+judge itself may call a check not run (``NOT_RUN``), and a contract declares each check's
+``weight`` and what it ``rests_on``, so that a part's points are fixed before the file runs.
+Every probe runs as on a machine without a GPU (``machine_with("cpu")``), in a student's run and
+in the box alike, whatever the machine has.
 
 Each part's folder holds this same file, as each part runs alone on Colab;
 tests/test_contract_check.py keeps the two copies identical.
 """
+import contextlib
+import functools
 import hashlib
+import importlib.abc
 import itertools
 import os
 import sys
@@ -41,8 +54,11 @@ SEED = "A3_CONTRACT_SEED"  # added to every seed of a contract's inputs; 0 in a 
 INPUTS_DRAWN = "inputs drawn for the box"  # how each check ends in the inputs phase
 NOT_ANSWERED = "not answered: the box stopped before this check's probe ran"
 IMPORT_ANSWER = "import"  # the answer's name that says the file did not import
+NOT_RUN = "device check not run"  # how the judge starts a check it could not run; no probe may
 INPUTS_SAVED = itertools.count()  # numbers the saved inputs in the order the checks run
-SKIPPED, FAILED = pytest.skip.Exception, pytest.fail.Exception  # taken before the file under test runs
+FAILED = pytest.fail.Exception  # taken before the file under test runs
+JUDGES_ONLY = ("vae_contract", "diffusion_contract", "diffusion_reference", "contract_check")  # never in a box
+MAX_ELEMENTS = 2 ** 24  # in one answer: the largest a check asks for is 400,000 (eq. (2)'s moments)
 
 
 def seeded(seed):
@@ -50,10 +66,40 @@ def seeded(seed):
     return seed + int(os.environ.get(SEED, "0"))
 
 
+def weight(points):
+    """A check's weight in its part's points (1 if not given): the checks of the handout's
+    values weigh the most. A grader reads it before the file runs."""
+    def weighed(check):
+        check.weight = points
+        return check
+    return weighed
+
+
 def rests_on(request, *checks):
-    """Mark a check that judges what the box observed beside the file's answers (the simulated
-    device, the calls a stub received): a grader scores it only when ``checks`` pass."""
+    """Mark a check that is no evidence of the math alone (a shape, a range, a device, the file
+    compared with itself, what the box observed): a grader scores it only when ``checks`` (the
+    handout's values it belongs to) pass."""
     request.node.user_properties.append(("rests_on", checks))
+
+
+@contextlib.contextmanager
+def machine_with(device_type):
+    """While inside, torch says the machine's best device is ``device_type`` ("cuda", "mps" or
+    "cpu"), as the trainer's default device and a file's own choice of device read it."""
+    saved = torch.cuda.is_available, torch.cuda.device_count, torch.backends.mps.is_available
+    torch.cuda.is_available = answering(saved[0], device_type == "cuda")
+    torch.cuda.device_count = answering(saved[1], int(device_type == "cuda"))
+    torch.backends.mps.is_available = answering(saved[2], device_type == "mps")
+    try:
+        yield
+    finally:
+        torch.cuda.is_available, torch.cuda.device_count, torch.backends.mps.is_available = saved
+
+
+def answering(function, answer):
+    """A stand-in for ``function`` that returns ``answer``; it keeps the original's name and
+    ``__wrapped__``, which torch itself reads."""
+    return functools.wraps(function)(lambda *args, **kwargs: answer)
 
 
 @pytest.fixture
@@ -65,8 +111,8 @@ def run(request):
     exchange = Path(os.environ.get(EXCHANGE, "."))
     name = request.node.name
     if phase == "judge" and (exchange / "answers" / f"{IMPORT_ANSWER}.pt").is_file():
-        replay(torch.load(exchange / "answers" / f"{IMPORT_ANSWER}.pt", weights_only=True))
-    under_test = request.getfixturevalue("under_test") if phase == "" else None
+        replay(read_answer(exchange / "answers" / f"{IMPORT_ANSWER}.pt"))
+    under_test = imported_under_test(request) if phase == "" else None
     calls = []
 
     def run(probe, **inputs):
@@ -79,9 +125,19 @@ def run(request):
             pytest.skip(INPUTS_DRAWN)
         if phase == "judge":
             return judged_answer(exchange / "answers", name, probe)
-        return plain(probe(under_test, **inputs))  # the data a grading's box would hand back
+        return outcome(answer(probe, under_test, inputs))  # what a grading's box would hand back
 
     return run
+
+
+def imported_under_test(request):
+    """The contract's ``under_test``, imported as on a machine without a GPU; whatever stops its
+    import fails the check, as in the box."""
+    try:
+        with machine_with("cpu"):
+            return request.getfixturevalue("under_test")
+    except BaseException as error:  # noqa: BLE001 - whatever stops the import is the verdict
+        replay(raised(error))
 
 
 def file_name(check):
@@ -96,34 +152,96 @@ def judged_answer(answers, check, probe):
     found = sorted(answers.glob(f"*-{file_name(check)}.pt"))
     if not found:
         pytest.skip(NOT_ANSWERED)
-    answer = torch.load(found[0], weights_only=True)
-    if answer.get("probe") != probe.__name__:
-        pytest.fail(f"the box answered {answer.get('probe')!r}, not {probe.__name__}", pytrace=False)
-    if "raised" in answer:
-        replay(answer)
-    return answer["returned"]
+    given = read_answer(found[0])
+    if given.get("probe") != probe.__name__:
+        pytest.fail(f"the box did not answer {probe.__name__}", pytrace=False)
+    return outcome(given)
 
 
-def replay(answer):
-    """End the check as the box's probe ended: a skip, or a failure with its message."""
-    if answer["raised"] == "skipped":
-        pytest.skip(answer["message"])
-    pytest.fail(answer["message"], pytrace=False)
+def read_answer(path):
+    """One answer the box wrote, read as data only: a dict, or the check fails."""
+    try:
+        given = torch.load(path, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - whatever the box wrote, it is not the grader's crash
+        pytest.fail(f"the box's answer cannot be read as data ({type(error).__name__})", pytrace=False)
+    if not isinstance(given, dict):
+        pytest.fail("the box's answer is not one of a probe's", pytrace=False)
+    return given
+
+
+def outcome(given):
+    """The probe's data, checked to be bounded (``bounded``), or the failure it raised."""
+    if "raised" in given:
+        replay(given)
+    return bounded(given.get("returned"))
+
+
+def replay(given):
+    """End the check as the probe ended: a failure with its message."""
+    pytest.fail(str(given.get("message", ""))[:500], pytrace=False)
+
+
+def bounded(value):
+    """``value`` as read from an answer, each tensor checked before any judge computes with it:
+    dense, of a real or bool dtype, its storage holding every element its strides reach, at most
+    MAX_ELEMENTS in all; returned as fresh contiguous copies. Fails the check otherwise."""
+    counted = [0]
+
+    def check(item, depth=0):
+        if depth > 20:
+            pytest.fail("the answer is nested more than 20 deep", pytrace=False)
+        if isinstance(item, torch.Tensor):
+            return checked_tensor(item, counted)
+        if isinstance(item, (list, tuple)):
+            return type(item)(check(part, depth + 1) for part in item)
+        if isinstance(item, dict):
+            return {key: check(part, depth + 1) for key, part in item.items()}
+        return item
+
+    return check(value)
+
+
+def checked_tensor(tensor, counted):
+    """One tensor of an answer, copied, once its size and its storage are shown sound."""
+    if tensor.layout != torch.strided or tensor.is_complex() or tensor.is_quantized or tensor.device.type != "cpu":
+        pytest.fail(f"the answer holds a {tensor.layout} {tensor.dtype} tensor on {tensor.device}, not plain data",
+                    pytrace=False)
+    counted[0] += tensor.numel()
+    if counted[0] > MAX_ELEMENTS:
+        pytest.fail(f"the answer holds more than {MAX_ELEMENTS:,} values, more than any check asks for", pytrace=False)
+    if tensor.numel():
+        reach = tensor.storage_offset() + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+        if min(tensor.stride(), default=0) < 0 or (reach + 1) * tensor.element_size() > tensor.untyped_storage().nbytes():
+            pytest.fail("the answer holds a tensor whose strides reach beyond its storage", pytrace=False)
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 # ---------------------------------------------------------------- in the box
 
 
-def answer_probes(contract, file, inputs, answers):
-    """Import the file under test as ``contract`` does, then answer each saved check's probe
-    into ``answers``, one file each, written whole or not at all."""
-    sys.path.insert(0, str(Path(contract).parent))
-    spec = spec_from_file_location(Path(contract).stem, contract)
+class JudgesOnly(importlib.abc.MetaPathFinder):
+    """Refuses, in the box, the modules that only the grader's processes hold (JUDGES_ONLY)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in JUDGES_ONLY:
+            raise ImportError(f"{name} is the grader's (the handout's values and the checks): a file under "
+                              "grading cannot import it", name=name)
+        return None
+
+
+def answer_probes(probes, file, inputs, answers):
+    """Import the file under test with the part's ``probes`` module, as on a machine without a
+    GPU, then answer each saved check's probe into ``answers``, one file each, written whole or
+    not at all."""
+    sys.meta_path.insert(0, JudgesOnly())
+    sys.path.insert(0, str(Path(probes).parent))
+    spec = spec_from_file_location(Path(probes).stem, probes)
     module = module_from_spec(spec)
     spec.loader.exec_module(module)
     answers.mkdir(exist_ok=True)
     try:
-        under_test = module.load_under_test(Path(file))
+        with machine_with("cpu"):
+            under_test = module.load_under_test(Path(file))
     except BaseException as error:  # noqa: BLE001 - whatever stops the import is the verdict
         save(answers / f"{IMPORT_ANSWER}.pt", {"probe": "", **raised(error)})
         return
@@ -134,21 +252,25 @@ def answer_probes(contract, file, inputs, answers):
 
 
 def answer(probe, under_test, inputs):
-    """{"returned": the probe's data} or {"raised": its outcome, "message": one line}."""
+    """{"returned": the probe's data} or {"raised": its outcome, "message": one line}, the probe
+    run as on a machine without a GPU."""
     try:
-        return {"returned": plain(probe(under_test, **inputs))}
+        with machine_with("cpu"):
+            return {"returned": plain(probe(under_test, **inputs))}
     except BaseException as error:  # noqa: BLE001 - a check's outcome, whatever the file raised
         return raised(error)
 
 
 def raised(error):
-    """A probe's exception as its check reports it: a skip or a failure, with its first line."""
-    if isinstance(error, SKIPPED):
-        return {"raised": "skipped", "message": str(error.msg)}
+    """A probe's exception as its check reports it: always a failure, with its first line; a
+    check the file stopped (a skip, an exit, an interrupt) says so."""
     if isinstance(error, FAILED):
-        return {"raised": "failed", "message": str(error.msg).strip().splitlines()[0][:500]}
+        return {"raised": "failed", "message": (str(error.msg).strip().splitlines() or [""])[0][:500]}
     text = "".join(traceback.format_exception_only(type(error), error)).strip()
-    return {"raised": "failed", "message": (text.splitlines() or [type(error).__name__])[-1][:500]}
+    line = (text.splitlines() or [type(error).__name__])[-1][:500]
+    if not isinstance(error, Exception) or isinstance(error, pytest.skip.Exception):
+        line = f"the file stopped this check ({line}): a check the file stops earns nothing"
+    return {"raised": "failed", "message": line}
 
 
 def plain(value):

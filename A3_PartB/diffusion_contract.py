@@ -13,8 +13,8 @@ with ``model``, ``image_size``, ``channels``, ``num_timesteps``, ``noise_like``,
 ``p_losses``, ``p_sample``, ``p_sample_loop``, ``sample`` and ``forward``. Noise is always
 passed explicitly, the schedule may be plain tensors or buffers, and values are compared in
 float32 to 1e-4 relative, against the handout's math (typos corrected, see ``Handout`` in
-diffusion_reference.py) in float64. The network is a stub whose prediction is known, and ``noise_like`` is
-replaced by zeros, ones or a seeded generator, as the course's graders do.
+diffusion_reference.py) in float64. The network is a stub whose prediction is known, and
+``noise_like`` is replaced by zeros, ones or a seeded generator, as the course's graders do.
 Time steps are 0-based: t = 0 .. T-1 in code is the handout's 1 .. T.
 
 Causes are named first: every random draw must go through ``noise_like`` (checked before the
@@ -24,35 +24,32 @@ on a machine without a GPU; then the file is judged on each device the trainer p
 that an op's tensors share one device. A file that runs there but chooses its device itself
 instead of from its input gets a PortabilityWarning, not a failure (simulated_devices.py).
 
-Each check hands its inputs to one probe (``probe_*``: it calls the file and returns data) and
-judges the answer, so that a grader runs the file in its box and judges in a process that never
-imports it (contract_probes.py). Checks marked ``rests_on`` judge what the box observed beside
-the file's answers (the simulated device, the stub network's calls): a grader scores them only
-when the checks they rest on pass.
+Each check hands its inputs to one probe (diffusion_probes.py: it calls the file and returns
+data) and judges the answer, so that a grader runs the file in its box and judges in a process
+that never imports it (contract_probes.py). Each check has a ``weight`` in Part B's points: the
+values of the handout's equations on inputs drawn afresh weigh the most; a check of a shape, a
+range, a device, the file compared with itself or what the box observed (the simulated device,
+the stub network's calls) ``rests_on`` the values it belongs to and scores only when they pass.
 """
 
-import importlib.util
-import inspect
 import math
 import os
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from contract_probes import rests_on, run, seeded  # noqa: F401 - run is the checks' fixture
-from diffusion_reference import Handout, known_noise_prediction, StubNetwork
-from simulated_devices import (crash_on_device, DeviceMixing, first_failure_on_device, line_running, machine_with,
-                               move_as_the_trainer_does, OneDevice, PortabilityWarning, SimulatedOnMeta)
+from contract_probes import NOT_RUN, rests_on, run, seeded, weight  # noqa: F401 - run is the checks' fixture
+from diffusion_probes import (BATCH, CHANNELS, known_noise_prediction, load_under_test, METHODS, probe_cosine_schedule,
+                              probe_draws_outside_noise_like, probe_extract, probe_forward, probe_gradient_of_p_losses,
+                              probe_noise_like, probe_on_another_device, probe_on_the_trainers_device, probe_p_losses_at_each_t,
+                              probe_p_sample, probe_p_sample_loop, probe_q_sample, probe_q_sample_beside_the_schedule,
+                              probe_sample, probe_settings, probe_unnormalize, seeded_draws, SIZE, steps, T)
+from diffusion_reference import Handout
+from simulated_devices import PortabilityWarning
 
 DEFAULT_FILE = Path(__file__).resolve().parent / "diffusion.py"
-T = 50  # the course's time_steps
-SIZE = 4
-CHANNELS = 3
-BATCH = 2
 RTOL = 1e-4
 ATOL = 1e-6  # for values that are 0 or nearly so
 # eq. (8) divides x_t by sqrt(abar_t), about 1e-3 at t = T-1: float32 round-off of x_t (1e-7)
@@ -69,72 +66,28 @@ def under_test():
     return load_under_test(path)
 
 
-def load_under_test(path):
-    """The diffusion.py at ``path``, imported as on a machine without a GPU."""
-    with machine_with("cpu"):
-        return load_diffusion_file(path)
-
-
-def load_diffusion_file(path):
-    """Import a diffusion.py by path, under a name of its own; its folder is importable while it
-    loads, as it is next to its siblings in A3_PartB."""
-    spec = importlib.util.spec_from_file_location("diffusion_under_contract", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    return module
-
-
 HANDOUT = Handout(T)
-
-
-def prediction(spec):
-    """The stub network's epsilon_theta(x_t, t), named by ``spec`` so that it travels as data:
-    "known" (known_noise_prediction), a tensor (that epsilon whatever x_t), ("linear", a, b)
-    (a x_t + b) or "beyond" (-3 sign(x_t), pushing x0_hat beyond [-1, 1])."""
-    if isinstance(spec, torch.Tensor):
-        return lambda x, t: spec
-    if spec == "known":
-        return known_noise_prediction
-    if spec == "beyond":
-        return lambda x, t: -3 * x.sign()
-    _, scale, shift = spec
-    return lambda x, t: scale * x + shift
-
-
-def make_diffusion(under_test, predict="known", **settings):
-    settings = {"image_size": SIZE, "channels": CHANNELS, "timesteps": T, **settings}
-    return under_test.Diffusion(StubNetwork(prediction(predict)), **settings)
+# the checks of the handout's values that others rest on
+COURSE_SCHEDULE = "test_cosine_schedule_is_eq_3[course]"
+Q_SAMPLE_MEAN = "test_q_sample_mean_is_sqrt_abar_t_times_x0"
+P_LOSSES = "test_p_losses_is_the_mean_l1_distance_between_noise_and_prediction"
+POSTERIOR_MEAN = "test_p_sample_mean_is_the_posterior_mean_of_eq_7_at_every_t"
+ALGORITHM_2 = "test_p_sample_loop_follows_algorithm_2_and_returns_x0_in_zero_to_one"
+SAMPLE = "test_sample_runs_algorithm_2_from_x_T_drawn_by_noise_like"
+CHECKED_ON_THE_CPU = {  # the checks of each method's values, on which its other checks rest
+    "q_sample": (Q_SAMPLE_MEAN, "test_q_sample_std_is_sqrt_one_minus_abar_t"),
+    "p_losses": (P_LOSSES,),
+    "forward": ("test_forward_is_the_l1_loss_at_the_steps_it_draws",),
+    "p_sample": (POSTERIOR_MEAN, "test_p_sample_adds_sigma_t_times_the_noise_at_every_t_above_0"),
+    "p_sample_loop": (ALGORITHM_2,),
+    "sample": (SAMPLE,),
+}
 
 
 def images(batch, seed):
     """Values in [-1, 1), fixed by ``seed`` (offset afresh for each grading)."""
     generator = torch.Generator().manual_seed(seeded(seed))
     return torch.rand(batch, CHANNELS, SIZE, SIZE, generator=generator) * 2 - 1
-
-
-def steps(t, batch=BATCH):
-    return torch.full((batch,), t, dtype=torch.long)
-
-
-def seeded_draws(seed):
-    """Standard normal noise from a generator of its own, ``draw(shape)``."""
-    generator = torch.Generator().manual_seed(seed)
-    return lambda shape: torch.randn(shape, generator=generator)
-
-
-def noise_draws(spec):
-    """noise_like's replacement named by ``spec``: "zeros", "ones", or the int seeding
-    ``seeded_draws``."""
-    return {"zeros": torch.zeros, "ones": torch.ones}.get(spec) or seeded_draws(spec)
-
-
-def replace_noise(diffusion, draw):
-    """Patch ``noise_like`` on the instance, as graders do: every draw becomes ``draw(shape)``."""
-    diffusion.noise_like = lambda shape, device, *_args, **_kwargs: draw(tuple(shape)).to(device)
 
 
 def assert_rows_close(what, actual, expected, labels, *, atol=ATOL, draws=""):
@@ -172,148 +125,6 @@ def at_each_t(ts):
     return [f"t={t}" for t in ts]
 
 
-class GlobalDraws(TorchDispatchMode):
-    """While active, records every random op that draws from torch's global generator (the ones
-    of noise_like's replacements have generators of their own), with the line of the file under
-    test that drew it."""
-
-    def __init__(self, under_test):
-        super().__init__()
-        self.path = under_test.__file__
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if torch.Tag.nondeterministic_seeded in func.tags and kwargs.get("generator") is None:
-            self.seen.append(f"torch.{func.overloadpacket.__name__} at {line_running(self.path)}")
-        return func(*args, **kwargs)
-
-    def places(self):
-        """Each op and line seen, once, in the order first seen ('' if none)."""
-        return "; ".join(dict.fromkeys(self.seen))
-
-
-def schedule(under_test, timesteps, **settings):
-    """cosine_schedule(timesteps, **settings), failing in one line unless it is one tensor of
-    the T alphas."""
-    alphas = under_test.cosine_schedule(timesteps, **settings)
-    if isinstance(alphas, torch.Tensor) and tuple(alphas.shape) == (timesteps,):
-        return alphas
-    got = (f"a tensor of shape {tuple(alphas.shape)}" if isinstance(alphas, torch.Tensor)
-           else f"a {type(alphas).__name__}" + (f" of {len(alphas)} items" if isinstance(alphas, (tuple, list)) else ""))
-    pytest.fail(f"cosine_schedule({timesteps}) returned {got}, not one tensor of the {timesteps} alphas "
-                "of eq. (3)", pytrace=False)
-
-
-# ---- the probes: each calls the file under test and returns only data
-
-
-def probe_extract(under_test, values, t, shape):
-    return under_test.extract(values, t, shape)
-
-
-def probe_unnormalize(under_test, x):
-    return under_test.unnormalize_to_zero_to_one(x)
-
-
-def probe_cosine_schedule(under_test, timesteps, settings):
-    return schedule(under_test, timesteps, **settings)
-
-
-def probe_draws_outside_noise_like(under_test, method, x, global_seeds, noise_seed):
-    """``method`` called as the trainer and graders call it, noise_like drawing from
-    ``noise_seed``, once after each of torch's ``global_seeds``: its results and where it drew
-    from torch's global generator; None when the method requires ``noise``, so draws none."""
-    results, places = [], set()
-    for seed in global_seeds:
-        diffusion = make_diffusion(under_test)
-        replace_noise(diffusion, seeded_draws(noise_seed))
-        torch.manual_seed(seed)
-        with GlobalDraws(under_test) as draws:
-            result = call_drawing_noise(diffusion, method, x)
-        if result is None:
-            return None
-        results.append(result)
-        places.add(draws.places())
-    return {"results": results, "places": "; ".join(sorted(place for place in places if place))}
-
-
-def probe_settings(under_test, image_size, channels, timesteps):
-    network = StubNetwork(known_noise_prediction)
-    diffusion = under_test.Diffusion(network, image_size=image_size, channels=channels, timesteps=timesteps)
-    return {"keeps_network": diffusion.model is network,
-            "settings": [diffusion.image_size, diffusion.channels, diffusion.num_timesteps]}
-
-
-def probe_q_sample(under_test, x_0, t, noise):
-    return make_diffusion(under_test).q_sample(x_0, t, noise)
-
-
-def probe_q_sample_beside_the_schedule(under_test, x_0, t, noise):
-    return {"x_t": probe_q_sample(under_test, x_0, t, noise), "alphas": schedule(under_test, len(t))}
-
-
-def probe_p_losses_at_each_t(under_test, x_0, noise, ts):
-    diffusion = make_diffusion(under_test)
-    return torch.stack([diffusion.p_losses(x_0, steps(t, len(x_0)), noise).reshape(()) for t in ts])
-
-
-def probe_gradient_of_p_losses(under_test, x_0, noise, t):
-    """d p_losses / d(the stub network's one parameter), None where no gradient reaches it."""
-    diffusion = make_diffusion(under_test)
-    diffusion.p_losses(x_0, steps(t, len(x_0)), noise).backward()
-    return diffusion.model.gain.grad
-
-
-def probe_forward(under_test, x_0, noise, seed):
-    """forward(x_0, noise) after torch.manual_seed(seed): the loss and the steps t the network got."""
-    diffusion = make_diffusion(under_test)
-    torch.manual_seed(seed)
-    loss = diffusion(x_0, noise)
-    return {"loss": loss, "drawn": diffusion.model.calls[-1][1]}
-
-
-def probe_noise_like(under_test, shape, seed):
-    torch.manual_seed(seed)
-    return make_diffusion(under_test).noise_like(shape, torch.device("cpu"))
-
-
-def probe_p_sample(under_test, x, ts, cases):
-    """p_sample(x[k], t, t) for each t of ``ts``, for each (prediction, noise) of ``cases``
-    (``x`` holds one state per t): one row of results per case, and where torch's global
-    generator was drawn from."""
-    with GlobalDraws(under_test) as draws:
-        results = []
-        for predict, noise in cases:
-            diffusion = make_diffusion(under_test, predict)
-            replace_noise(diffusion, noise_draws(noise))
-            results.append(torch.stack([diffusion.p_sample(x[k], steps(t, x.shape[1]), t) for k, t in enumerate(ts)]))
-    return {"results": torch.stack(results), "places": draws.places()}
-
-
-def probe_p_sample_loop(under_test, x_T, predict, noise):
-    """p_sample_loop(x_T): the result, each (x_t, t) the network got, and where torch's global
-    generator was drawn from."""
-    diffusion = make_diffusion(under_test, predict)
-    replace_noise(diffusion, noise_draws(noise))
-    with GlobalDraws(under_test) as draws:
-        result = diffusion.p_sample_loop(x_T)
-    return {"result": result, "states": [x for x, _ in diffusion.model.calls],
-            "steps": [t for _, t in diffusion.model.calls], "places": draws.places()}
-
-
-def probe_sample(under_test, batch_size, settings, noise, seed):
-    """sample(batch_size) after torch.manual_seed(seed), noise_like replaced where ``noise``
-    names a replacement (None: the file's own): the result and where torch's global generator
-    was drawn from."""
-    diffusion = make_diffusion(under_test, **settings)
-    if noise is not None:
-        replace_noise(diffusion, noise_draws(noise))
-    torch.manual_seed(seed)
-    with GlobalDraws(under_test) as draws:
-        result = diffusion.sample(batch_size)
-    return {"result": result, "places": draws.places()}
-
 
 # ---- module functions
 
@@ -323,7 +134,8 @@ def uniform(count, seed):
     return torch.rand(count, generator=torch.Generator().manual_seed(seeded(seed)))
 
 
-def test_extract_picks_one_entry_per_sample_shaped_to_broadcast(run):
+def test_extract_picks_one_entry_per_sample_shaped_to_broadcast(run, request):
+    rests_on(request, Q_SAMPLE_MEAN)
     values = uniform(4, seed=50)
     t = torch.randperm(4, generator=torch.Generator().manual_seed(seeded(51)))[:3]
     picked = run(probe_extract, values=values, t=t, shape=(3, CHANNELS, SIZE, SIZE))
@@ -331,27 +143,40 @@ def test_extract_picks_one_entry_per_sample_shaped_to_broadcast(run):
     assert picked.flatten().tolist() == values[t].tolist()
 
 
-def test_unnormalize_maps_minus_one_to_one_onto_zero_to_one(run):
+def test_unnormalize_maps_minus_one_to_one_onto_zero_to_one(run, request):
+    rests_on(request, ALGORITHM_2)
     x = torch.cat([torch.tensor([-1.0, -0.5, 0.0, 1.0]), uniform(6, seed=52) * 2 - 1])
     unnormalized = run(probe_unnormalize, x=x)
     assert unnormalized[:4].tolist() == [0.0, 0.25, 0.5, 1.0]
     assert torch.allclose(unnormalized, (x + 1) / 2, rtol=0, atol=1e-7), f"{unnormalized.tolist()} for {x.tolist()}"
 
 
-@pytest.mark.parametrize("timesteps, s, atol", [(10, 0.008, ATOL), (T, 0.008, ATOL), (T, 0.1, ATOL),
-                                                (1000, 0.008, 1e-4)])
-def test_cosine_schedule_is_eq_3(run, timesteps, s, atol):
+def schedule_settings(case):
+    """(T, s, atol) of a schedule: the course's, or one drawn afresh for each grading (a few
+    steps, another s, a thousand steps)."""
+    draw = uniform(2, seed=53 + len(case))
+    return {"course": (T, 0.008, ATOL),
+            "few_steps": (5 + int(draw[0] * 16), 0.008, ATOL),
+            "another_s": (T, round(0.02 + 0.18 * draw[1].item(), 4), ATOL),
+            "many_steps": (1000, 0.008, 1e-4)}[case]
+
+
+@weight(3)
+@pytest.mark.parametrize("case", ["course", "few_steps", "another_s", "many_steps"])
+def test_cosine_schedule_is_eq_3(run, case):
     """eq. (3): alpha_t = clip(abar(t) / abar(t-1), 0.001, 1), abar(t) = f(t) / f(0).
 
     With T = 1000, float32 keeps only about 4 digits of f near t = T, where the cosine is
     near 0: there the graders' absolute 1e-4 applies."""
+    timesteps, s, atol = schedule_settings(case)
     alphas = run(probe_cosine_schedule, timesteps=timesteps, settings={"s": s})
     assert_rows_close(f"eq. (3) alpha_t (T={timesteps}, s={s})", alphas,
                       Handout(timesteps, s).alpha, at_each_t(range(timesteps)), atol=atol)
 
 
-def test_cosine_schedule_clips_alphas_to_between_0_001_and_1(run):
+def test_cosine_schedule_clips_alphas_to_between_0_001_and_1(run, request):
     """eq. (3)'s clip: abar(T) / abar(T-1) is about 0, so the last alpha is clipped up to 0.001."""
+    rests_on(request, COURSE_SCHEDULE)
     alphas = run(probe_cosine_schedule, timesteps=T, settings={}).double()
     assert alphas[-1].item() == pytest.approx(0.001, rel=RTOL)
     assert alphas.min().item() >= 0.001 * (1 - RTOL) and alphas.max().item() <= 1
@@ -360,31 +185,19 @@ def test_cosine_schedule_clips_alphas_to_between_0_001_and_1(run):
 # ---- randomness: graders replace noise_like, so every draw must go through it
 
 
-def call_drawing_noise(diffusion, method, x):
-    """Call ``method`` of the skeleton on ``x`` as the trainer and the graders do, leaving
-    ``noise`` out where the file allows it; None when the method requires ``noise``, so draws none."""
-    calls = {"p_sample": lambda: diffusion.p_sample(x, steps(T // 2, len(x)), T // 2),
-             "p_sample_loop": lambda: diffusion.p_sample_loop(x),
-             "sample": lambda: diffusion.sample(len(x)),
-             "q_sample": lambda: diffusion.q_sample(x, steps(T // 2, len(x))),
-             "p_losses": lambda: diffusion.p_losses(x, steps(T // 2, len(x)))}
-    noise = inspect.signature(getattr(diffusion, method)).parameters.get("noise")
-    if noise is not None and noise.default is inspect.Parameter.empty:
-        return None
-    return calls[method]()
-
-
 @pytest.mark.parametrize("method", ["p_sample", "p_sample_loop", "sample", "q_sample", "p_losses"])
-def test_every_random_draw_goes_through_noise_like(run, method):
+def test_every_random_draw_goes_through_noise_like(run, request, method):
     """The skeleton: all noise is drawn through noise_like, so graders can replace it; a draw
     from torch's global generator (torch.randn, randn_like, ...) makes every check of the equations that
     follow compare against noise the method did not use. Seen where it was drawn, and in the
     results: with noise_like replaced by the same draws, two seeds of torch's global generator
-    give the same result. q_sample and p_losses are checked where noise may be left out."""
+    give the same result. q_sample and p_losses are checked where noise may be left out; a method
+    that requires noise draws none."""
+    rests_on(request, *CHECKED_ON_THE_CPU[method])
     answer = run(probe_draws_outside_noise_like, method=method, x=images(BATCH, seed=40),
                  global_seeds=[seeded(41), seeded(42)], noise_seed=seeded(43))
     if answer is None:
-        pytest.skip(f"{method} requires noise, so draws none")
+        return
     fix = "Draw them with self.noise_like(shape, device): graders replace it"
     if answer["places"]:
         pytest.fail(f"{method} drew random numbers outside self.noise_like: {answer['places']}. {fix}", pytrace=False)
@@ -397,16 +210,19 @@ def test_every_random_draw_goes_through_noise_like(run, method):
 # ---- forward process and training (Algorithm 1)
 
 
-def test_diffusion_keeps_its_network_and_settings(run):
+def test_diffusion_keeps_its_network_and_settings(run, request):
+    rests_on(request, Q_SAMPLE_MEAN)
     answer = run(probe_settings, image_size=6, channels=2, timesteps=7)
     assert answer["keeps_network"], "Diffusion(model, ...).model is not the network it was given"
     assert tuple(answer["settings"]) == (6, 2, 7), (
         f"image_size, channels, num_timesteps are {tuple(answer['settings'])}, not (6, 2, 7)")
 
 
-def test_abar_is_the_running_product_of_the_clipped_alphas(run):
+@weight(2)
+def test_abar_is_the_running_product_of_the_clipped_alphas(run, request):
     """eq. (6): abar_t = alpha_0 ... alpha_t over cosine_schedule's clipped alphas, not f(t)/f(0);
     seen as q_sample(1, t, 0) = sqrt(abar_t)."""
+    rests_on(request, COURSE_SCHEDULE)
     x_0 = torch.ones(T, CHANNELS, SIZE, SIZE)
     answer = run(probe_q_sample_beside_the_schedule, x_0=x_0, t=torch.arange(T), noise=torch.zeros_like(x_0))
     expected = torch.cumprod(answer["alphas"].double(), 0).sqrt().view(T, 1, 1, 1).expand(x_0.shape)
@@ -415,6 +231,7 @@ def test_abar_is_the_running_product_of_the_clipped_alphas(run):
                       sqrt_abar, expected, at_each_t(range(T)))
 
 
+@weight(4)
 def test_q_sample_mean_is_sqrt_abar_t_times_x0(run):
     """eq. (6) / Algorithm 1 line 5: E[x_t | x_0] = sqrt(abar_t) x_0 (abar_t, not alpha_t)."""
     x_0 = images(T, seed=1)
@@ -423,6 +240,7 @@ def test_q_sample_mean_is_sqrt_abar_t_times_x0(run):
     assert_rows_close("eq. (6) mean sqrt(abar_t) x_0", mean, expected, at_each_t(range(T)))
 
 
+@weight(4)
 def test_q_sample_std_is_sqrt_one_minus_abar_t(run):
     """eq. (6) / Algorithm 1 line 5: x_t - sqrt(abar_t) x_0 = sqrt(1 - abar_t) eps."""
     noise = images(T, seed=2)
@@ -437,6 +255,7 @@ def l1_loss_at(t, x_0, noise):
     return (noise.double() - known_noise_prediction(x_t, t)).abs().mean()
 
 
+@weight(5)
 def test_p_losses_is_the_mean_l1_distance_between_noise_and_prediction(run):
     """Algorithm 1 lines 5-6: the network sees x_t of eq. (6) and t; the loss is L1, not L2."""
     x_0, noise = images(BATCH, seed=3), images(BATCH, seed=4)
@@ -445,16 +264,26 @@ def test_p_losses_is_the_mean_l1_distance_between_noise_and_prediction(run):
     assert_rows_close("Algorithm 1 line 6, L1 loss", losses, expected, at_each_t(range(T)))
 
 
-def test_p_losses_is_differentiable_in_the_network_parameters(run, request):
-    """Algorithm 1 line 6 takes a gradient step on the loss, so it must reach the network."""
-    rests_on(request, "test_p_losses_is_the_mean_l1_distance_between_noise_and_prediction")
-    gradient = run(probe_gradient_of_p_losses, x_0=images(BATCH, seed=3), noise=images(BATCH, seed=4), t=T // 2)
-    assert gradient is not None and gradient.item() != 0, "no gradient of p_losses reaches the network"
+@weight(3)
+def test_p_losses_gradient_reaches_the_network_as_the_l1_losss_gradient(run):
+    """Algorithm 1 line 6 takes a gradient step on the loss: d loss / d theta of the stub network
+    (eps_theta = theta * prediction, theta = 1) is mean(-sign(eps - eps_theta) prediction)."""
+    x_0, noise = images(BATCH, seed=3), images(BATCH, seed=4)
+    gradient = run(probe_gradient_of_p_losses, x_0=x_0, noise=noise, t=T // 2)
+    assert gradient is not None, "no gradient of p_losses reaches the network"
+    predicted = known_noise_prediction(HANDOUT.q_sample(x_0.double(), steps(T // 2), noise.double()), steps(T // 2))
+    residual = noise.double() - predicted
+    expected = (-residual.sign() * predicted).mean()
+    ties = (2 * predicted.abs() * (residual.abs() < 1e-5)).sum() / residual.numel()  # the sign of about 0 is either
+    assert gradient.numel() == 1 and abs(gradient.double().item() - expected.item()) <= 1e-5 + RTOL * abs(expected.item()) + ties, (
+        f"the gradient of p_losses reaching the network is {gradient.flatten().tolist()}, expected "
+        f"{expected.item():.7g} (the L1 loss of Algorithm 1 line 6)")
 
 
+@weight(3)
 def test_forward_is_the_l1_loss_at_the_steps_it_draws(run, request):
     """Algorithm 1: forward(x_0, noise) is p_losses at one random t per image."""
-    rests_on(request, "test_p_losses_is_the_mean_l1_distance_between_noise_and_prediction")
+    rests_on(request, P_LOSSES)
     x_0, noise = images(8, seed=5), images(8, seed=6)
     answer = run(probe_forward, x_0=x_0, noise=noise, seed=seeded(0))
     drawn = answer["drawn"]
@@ -476,7 +305,8 @@ def test_forward_draws_t_uniformly_from_0_to_T_minus_1(run, request):
 # ---- reverse process (Algorithm 2)
 
 
-def test_noise_like_draws_standard_normal_noise_of_the_given_shape(run):
+def test_noise_like_draws_standard_normal_noise_of_the_given_shape(run, request):
+    rests_on(request, SAMPLE)
     noise = run(probe_noise_like, shape=(100, CHANNELS, 16, 16), seed=seeded(0))
     assert tuple(noise.shape) == (100, CHANNELS, 16, 16) and noise.dtype == torch.float32
     assert abs(noise.mean().item()) < 0.02 and abs(noise.std().item() - 1) < 0.02
@@ -487,6 +317,7 @@ def the_same_x_at(ts, x):
     return x.unsqueeze(0).expand(len(ts), *x.shape)
 
 
+@weight(5)
 def test_p_sample_mean_is_the_posterior_mean_of_eq_7_at_every_t(run):
     """Algorithm 2 lines 4-7 with z = 0: x0_hat by eq. (8) with abar_t, then eq. (7)'s mean
     with sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) on x_t."""
@@ -498,6 +329,7 @@ def test_p_sample_mean_is_the_posterior_mean_of_eq_7_at_every_t(run):
                       atol=ATOL_REVERSE, draws=answer["places"])
 
 
+@weight(5)
 def test_p_sample_adds_sigma_t_times_the_noise_at_every_t_above_0(run):
     """Algorithm 2 lines 8-9: x_{t-1} = mu_t + sigma_t z, sigma_t^2 = (1 - abar_{t-1}) / (1 - abar_t)
     (1 - alpha_t) (eq. 7); seen as p_sample with z = 1 minus p_sample with z = 0."""
@@ -509,8 +341,10 @@ def test_p_sample_adds_sigma_t_times_the_noise_at_every_t_above_0(run):
     assert_rows_close("eq. (7) posterior std sigma_t", shifts, expected, at_each_t(ts), draws=answer["places"])
 
 
-def test_p_sample_adds_no_noise_at_t_0(run):
+@weight(2)
+def test_p_sample_adds_no_noise_at_t_0(run, request):
     """Algorithm 2 line 3: z = 0 at the last step; the output is the posterior mean itself."""
+    rests_on(request, POSTERIOR_MEAN)
     x = images(BATCH, seed=11)
     answer = run(probe_p_sample, x=the_same_x_at([0], x), ts=[0], cases=[("known", "ones"), ("known", "zeros")])
     shift = answer["results"][0] - answer["results"][1]
@@ -518,10 +352,12 @@ def test_p_sample_adds_no_noise_at_t_0(run):
                       at_each_t([0]), draws=answer["places"])
 
 
-def test_p_sample_clamps_the_predicted_x0_to_minus_one_to_one(run):
+@weight(2)
+def test_p_sample_clamps_the_predicted_x0_to_minus_one_to_one(run, request):
     """Algorithm 2 line 6. With x_t = +-1 and eps = 0, eq. (8) gives |x0_hat| >= 1, and a
     prediction pushing x0_hat further out must not change the step; at t = 0, where eq. (7)'s
     mean is x0_hat itself, the step returns +-1."""
+    rests_on(request, POSTERIOR_MEAN)
     x = torch.where(images(BATCH, seed=12) >= 0, 1.0, -1.0)
     answer = run(probe_p_sample, x=the_same_x_at(range(T), x), ts=list(range(T)),
                  cases=[("beyond", "zeros"), (("linear", 0.0, 0.0), "zeros")])
@@ -534,13 +370,14 @@ def test_p_sample_clamps_the_predicted_x0_to_minus_one_to_one(run):
 
 def test_p_sample_loop_takes_every_step_from_T_minus_1_down_to_0(run, request):
     """Algorithm 2 line 2: for t = T..1 (T-1..0 in code), one network call per step."""
-    rests_on(request, "test_p_sample_loop_follows_algorithm_2_and_returns_x0_in_zero_to_one")
+    rests_on(request, ALGORITHM_2)
     answer = run(probe_p_sample_loop, x_T=images(BATCH, seed=13), predict="known", noise="zeros")
     asked = [t.tolist() for t in answer["steps"]]
     assert asked == [[t] * BATCH for t in reversed(range(T))], (
         f"the network was asked about t = {[t[0] for t in asked]}; expected {T - 1} down to 0")
 
 
+@weight(5)
 def test_p_sample_loop_follows_algorithm_2_and_returns_x0_in_zero_to_one(run):
     """Algorithm 2 with seeded noise: every state x_t the network sees, then (x_0 + 1) / 2."""
     x_T = images(BATCH, seed=15)
@@ -557,22 +394,25 @@ def assert_in_zero_to_one(method, result):
     assert low >= 0 and high <= 1, f"{method}'s images span [{low:.4g}, {high:.4g}], not [0, 1]"
 
 
-def test_p_sample_loop_returns_images_in_zero_to_one_shaped_like_its_input(run):
+def test_p_sample_loop_returns_images_in_zero_to_one_shaped_like_its_input(run, request):
     """Images are in [-1, 1] inside the model and in [0, 1] outside, whatever the network says."""
+    rests_on(request, ALGORITHM_2)
     x_T = 3 * images(BATCH, seed=17)
     result = run(probe_p_sample_loop, x_T=x_T, predict=("linear", 4.0, -3.0), noise=seeded(16))["result"]
     assert result.shape == x_T.shape
     assert_in_zero_to_one("p_sample_loop", result)
 
 
-def test_sample_returns_batch_size_images_of_its_channels_and_size_in_zero_to_one(run):
+def test_sample_returns_batch_size_images_of_its_channels_and_size_in_zero_to_one(run, request):
     """Algorithm 2 on batch_size x channels x image_size x image_size noise, returned in [0, 1]."""
+    rests_on(request, SAMPLE)
     result = run(probe_sample, batch_size=3, settings={"channels": 2, "image_size": 5}, noise=None,
                  seed=seeded(0))["result"]
     assert tuple(result.shape) == (3, 2, 5, 5)
     assert_in_zero_to_one("sample", result)
 
 
+@weight(3)
 def test_sample_runs_algorithm_2_from_x_T_drawn_by_noise_like(run):
     """Algorithm 2 line 1: x_T ~ N(0, I) is noise_like's first draw."""
     answer = run(probe_sample, batch_size=BATCH, settings={}, noise=seeded(18), seed=seeded(0))
@@ -586,60 +426,7 @@ def test_sample_runs_algorithm_2_from_x_T_drawn_by_noise_like(run):
 # ---- devices: what a GPU would refuse, found without one
 
 
-TRAINERS_DEVICES = ("cuda", "mps")  # besides the CPU, on which every check above runs
-METHODS = ("q_sample", "p_losses", "forward", "p_sample", "p_sample_loop", "sample")
-CHECKED_ON_THE_CPU = {  # the checks of each method's values, on which its device checks rest
-    "q_sample": ("test_q_sample_mean_is_sqrt_abar_t_times_x0", "test_q_sample_std_is_sqrt_one_minus_abar_t"),
-    "p_losses": ("test_p_losses_is_the_mean_l1_distance_between_noise_and_prediction",),
-    "forward": ("test_forward_is_the_l1_loss_at_the_steps_it_draws",),
-    "p_sample": ("test_p_sample_mean_is_the_posterior_mean_of_eq_7_at_every_t",
-                 "test_p_sample_adds_sigma_t_times_the_noise_at_every_t_above_0"),
-    "p_sample_loop": ("test_p_sample_loop_follows_algorithm_2_and_returns_x0_in_zero_to_one",),
-    "sample": ("test_sample_runs_algorithm_2_from_x_T_drawn_by_noise_like",),
-}
-
-
-@pytest.fixture(autouse=True)
-def on_a_cpu_only_machine():
-    """Every check runs as on a machine without a GPU, whatever this machine has: the trainer
-    then keeps the model on the CPU, so the checks of the math are the CPU's device check."""
-    with machine_with("cpu"):
-        yield
-
-
-def call_on(diffusion, method, device):
-    """Call ``method`` of the skeleton on inputs made on ``device``, passing noise."""
-    x = torch.zeros(BATCH, CHANNELS, SIZE, SIZE, device=device)
-    t = torch.full((BATCH,), T // 2, device=device, dtype=torch.long)
-    calls = {"q_sample": lambda: diffusion.q_sample(x, t, torch.zeros_like(x)),
-             "p_losses": lambda: diffusion.p_losses(x, t, torch.zeros_like(x)),
-             "forward": lambda: diffusion(x, torch.zeros_like(x)),
-             "p_sample": lambda: diffusion.p_sample(x, t, T // 2),
-             "p_sample_loop": lambda: diffusion.p_sample_loop(x),
-             "sample": lambda: diffusion.sample(BATCH)}
-    return calls[method]()
-
-
-def probe_on_the_trainers_device(under_test, method, device_type):
-    """The file imported afresh and its Diffusion built on a machine whose best device is
-    ``device_type`` (simulated on meta), moved there as the trainer moves it, then ``method``
-    called on inputs there: the step that stopped and how ("mixing" or "crash", with what
-    happened), or no step."""
-    built = {}
-
-    def build():
-        built["diffusion"] = make_diffusion(load_diffusion_file(Path(under_test.__file__)))
-        move_as_the_trainer_does(built["diffusion"], torch.device(device_type))
-
-    one_device = OneDevice(under_test)
-    step, stopped = first_failure_on_device(
-        [("building the Diffusion", build), (method, lambda: call_on(built["diffusion"], method, torch.device(device_type)))],
-        machine_with(device_type), SimulatedOnMeta(device_type), one_device)
-    if stopped is None:
-        return {"step": None}
-    if isinstance(stopped, DeviceMixing):
-        return {"step": step, "mixing": str(stopped)}
-    return {"step": step, "crash": crash_on_device(stopped, one_device, under_test.__file__)}
+TRAINERS_DEVICES = ("cuda", "mps")  # besides the CPU, on which every check above runs (contract_probes.py)
 
 
 @pytest.mark.parametrize("device_type", TRAINERS_DEVICES)
@@ -654,6 +441,9 @@ def test_runs_on_each_device_the_trainer_picks(run, request, method, device_type
     rests_on(request, *CHECKED_ON_THE_CPU[method])
     name = {"cuda": "CUDA", "mps": "an Apple GPU (MPS)"}[device_type]
     answer = run(probe_on_the_trainers_device, method=method, device_type=device_type)
+    if "beyond" in answer:
+        pytest.skip(f"{NOT_RUN}: the meta device cannot run all of {answer['step']} ({answer['beyond']}); devices "
+                    "were checked up to there")
     if "mixing" in answer:
         pytest.fail(f"{answer['step']} on {name}: {answer['mixing']}, with tensors on {device_type}. On such a "
                     "machine this raises; make it on the input's device (device=x.device) or register it as a buffer",
@@ -664,30 +454,17 @@ def test_runs_on_each_device_the_trainer_picks(run, request, method, device_type
                     pytrace=False)
 
 
-def probe_on_another_device(under_test, method):
-    """``method`` of a Diffusion moved to the meta device, on this CPU-only machine: where it
-    stopped, if it did, and how ("mixing": the op, the line, the CPU tensor it got)."""
-    diffusion = make_diffusion(under_test)
-    move_as_the_trainer_does(diffusion, torch.device("meta"))
-    step, stopped = first_failure_on_device([(method, lambda: call_on(diffusion, method, torch.device("meta")))],
-                                            OneDevice(under_test))
-    if stopped is None:
-        return {"step": None}
-    if isinstance(stopped, DeviceMixing):
-        return {"step": step, "mixing": {"op": stopped.op, "here": stopped.here, "made": stopped.made}}
-    return {"step": step, "stopped": f"{type(stopped).__name__}: {stopped}"}
-
-
 @pytest.mark.parametrize("method", METHODS)
-def test_takes_its_device_from_its_input(run, method):
+def test_takes_its_device_from_its_input(run, request, method):
     """The model put on another device than the machine's default (meta, on this CPU-only
     machine): a file that takes the device from its input follows it, one that chose it itself
     (torch.cuda.is_available(), a device picked at import) makes tensors on the default device.
     Such a file still runs wherever the trainer puts it by default, so this is a warning
     (PortabilityWarning) naming the line and the fix, never a failure."""
+    rests_on(request, *CHECKED_ON_THE_CPU[method])
     answer = run(probe_on_another_device, method=method)
     if "stopped" in answer:
-        pytest.skip(f"device check not run: {answer['step']} stops on the meta device ({answer['stopped']}), "
+        pytest.skip(f"{NOT_RUN}: {answer['step']} stops on the meta device ({answer['stopped']}), "
                     "which holds no values")
     if "mixing" in answer:
         mixing = answer["mixing"]

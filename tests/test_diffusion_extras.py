@@ -11,7 +11,8 @@ import torch
 
 from diffusion import Diffusion, cosine_schedule, unnormalize_to_zero_to_one
 from diffusion_contract import CHANNELS, SIZE, images, replace_noise
-from diffusion_reference import Handout, known_noise_prediction, StubNetwork
+from diffusion_probes import known_noise_prediction, StubNetwork
+from diffusion_reference import Handout
 
 T = 20
 HANDOUT = Handout(T)
