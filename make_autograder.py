@@ -80,9 +80,7 @@ def config(parts, points, limits, without_isolation=False):
 def source_files():
     """Repository paths of every file run_autograder needs: the tools, and both parts' contracts
     with their probes and what they read."""
-    contracts = [name for spec in PARTS.values()
-                 for name in (spec.contract, spec.probes, *spec.judge_reads, *spec.probes_read)]
-    return [*TOOLS, *contracts]
+    return [*TOOLS, *(name for spec in PARTS.values() for name in spec.grading_files())]
 
 
 def build(output, parts, points, limits, without_isolation=False):

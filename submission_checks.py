@@ -66,6 +66,10 @@ class Part(NamedTuple):
     judge_reads: tuple
     probes_read: tuple
 
+    def grading_files(self):
+        """The repository paths of every file grading this part runs."""
+        return (self.contract, self.probes, *self.judge_reads, *self.probes_read)
+
 
 PARTS = {
     "A": Part("vae.py", "A3_PartA/vae_contract.py", "A3_VAE", "A3_PartA/vae_probes.py",
@@ -133,9 +137,7 @@ class Result:
 def judge_sources(part):
     """{path in the repository: its bytes} of every file part's grading phases run, read once,
     when grading begins: whatever happens to the repository later, the judges run these."""
-    spec = PARTS[part]
-    return {relative: (REPO_ROOT / relative).read_bytes()
-            for relative in (spec.contract, spec.probes, *spec.judge_reads, *spec.probes_read)}
+    return {relative: (REPO_ROOT / relative).read_bytes() for relative in PARTS[part].grading_files()}
 
 
 def digests(part):

@@ -265,7 +265,7 @@ def test_p_losses_is_the_mean_l1_distance_between_noise_and_prediction(run):
 
 
 @weight(3)
-def test_p_losses_gradient_reaches_the_network_as_the_l1_losss_gradient(run):
+def test_p_losses_gradient_at_the_network_is_the_l1_losses_gradient(run):
     """Algorithm 1 line 6 takes a gradient step on the loss: d loss / d theta of the stub network
     (eps_theta = theta * prediction, theta = 1) is mean(-sign(eps - eps_theta) prediction)."""
     x_0, noise = images(BATCH, seed=3), images(BATCH, seed=4)

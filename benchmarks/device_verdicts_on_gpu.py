@@ -21,7 +21,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "A3_PartB")]
-import diffusion_contract as contract  # noqa: E402
+import diffusion_probes as probes  # noqa: E402
 import test_diffusion_contract_is_fair_and_sharp as proof  # noqa: E402
 from contract_verdicts import write_mutant  # noqa: E402
 
@@ -40,21 +40,20 @@ def files(folder):
 
 def simulated(path, method):
     """The device check's verdict on ``method`` under the simulated CUDA."""
-    with contract.machine_with("cpu"):
-        module = contract.load_diffusion_file(path)
-    try:
-        answer = contract.probe_on_the_trainers_device(module, method, "cuda")
-    except BaseException as stopped:  # noqa: BLE001 - pytest's skip: the meta device cannot run it
-        return f"not run ({type(stopped).__name__})"
+    with probes.machine_with("cpu"):
+        module = probes.load_diffusion_file(path)
+    answer = probes.probe_on_the_trainers_device(module, method, "cuda")
+    if "beyond" in answer:  # the meta device cannot run it
+        return f"not run ({answer['beyond'].split(':')[0]})"
     return "pass" if answer["step"] is None else next(key for key in ("mixing", "crash") if key in answer)
 
 
 def on_the_gpu(path, method):
     """'runs', or how ``method`` raises, on the real GPU, the Diffusion moved as the trainer moves it."""
     try:
-        diffusion = contract.make_diffusion(contract.load_diffusion_file(path))
-        contract.move_as_the_trainer_does(diffusion, torch.device("cuda"))
-        contract.call_on(diffusion, method, torch.device("cuda"))
+        diffusion = probes.make_diffusion(probes.load_diffusion_file(path))
+        probes.move_as_the_trainer_does(diffusion, torch.device("cuda"))
+        probes.call_on(diffusion, method, torch.device("cuda"))
         torch.cuda.synchronize()
     except Exception as error:  # noqa: BLE001 - what the GPU says is the measurement
         return f"raises {type(error).__name__}: {str(error).strip().splitlines()[0][:160]}"

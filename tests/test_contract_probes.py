@@ -42,7 +42,7 @@ print(json.dumps(run_contract(sys.argv[2], {sys.argv[3]: sys.argv[4]})))
 
 def students_run(part, path):
     """The records of the contract run on ``path`` as a student runs it (its own process)."""
-    file_name, contract, variable, _ = PARTS[part]
+    contract, variable = PARTS[part].contract, PARTS[part].variable
     contract = REPO / contract
     run = subprocess.run([sys.executable, "-c", STUDENTS_RUN, str(contract.parent), str(contract), variable, str(path)],
                          capture_output=True, text=True, cwd=contract.parent, timeout=600)
@@ -84,14 +84,14 @@ def test_a_probe_hands_back_data_only():
 
 
 def test_answers_that_stop_the_judge_are_the_files_error_not_the_graders_crash(tmp_path, monkeypatch):
-    real_phase = submission_checks.grading_phase
+    real_phase = submission_checks.phase_records
 
-    def judge_stops(part, phase, exchange, seed):
+    def judge_stops(phase, contract, exchange, seed, limits):
         if phase == "judge":
             raise PhaseStopped("the judge phase of vae_contract.py stopped (killed by SIGSEGV): ")
-        return real_phase(part, phase, exchange, seed)
+        return real_phase(phase, contract, exchange, seed, limits)
 
-    monkeypatch.setattr(submission_checks, "grading_phase", judge_stops)
+    monkeypatch.setattr(submission_checks, "phase_records", judge_stops)
     path = tmp_path / "vae.py"
     path.write_text(SKELETON_VAE)
     result = check_file("A", path, "vae.py", LIMITS)

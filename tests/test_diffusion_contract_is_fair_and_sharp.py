@@ -21,7 +21,7 @@ import torch
 
 from contract_verdicts import Mutant, verdicts, write_mutant
 from diffusion import Diffusion
-from diffusion_contract import load_diffusion_file, replace_noise, seeded_draws
+from diffusion_probes import load_diffusion_file, replace_noise, seeded_draws
 from unet import Unet
 
 TESTS = Path(__file__).resolve().parent
@@ -45,7 +45,7 @@ SCHEDULE = ("test_cosine_schedule_is_eq_3", "test_cosine_schedule_clips_alphas_t
 ABAR = "test_abar_is_the_running_product_of_the_clipped_alphas"
 Q_SAMPLE_MEAN = "test_q_sample_mean_is_sqrt_abar_t_times_x0"
 L1 = ("test_p_losses_is_the_mean_l1_distance_between_noise_and_prediction",
-      "test_forward_is_the_l1_loss_at_the_steps_it_draws")
+      "test_p_losses_gradient_at_the_network_is_the_l1_losses_gradient", "test_forward_is_the_l1_loss_at_the_steps_it_draws")
 
 MUTANTS = [
     Mutant("eq7_printed_typo_sqrt_abar_on_x_t",
@@ -99,7 +99,7 @@ MUTANTS = [
             SAMPLE, THROUGH_NOISE_LIKE}),
     Mutant("p_losses_without_gradient",
            (("    def p_losses(", "    @torch.no_grad()\n    def p_losses("),),
-           {"test_p_losses_is_differentiable_in_the_network_parameters"}),
+           {"test_p_losses_gradient_at_the_network_is_the_l1_losses_gradient"}),
     Mutant("q_sample_default_noise_drawn_outside_noise_like",
            (("def q_sample(self, x_0, t, noise):",
              "def q_sample(self, x_0, t, noise=None):\n        if noise is None:\n            noise = torch.randn_like(x_0)"),),

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from diffusion import Diffusion, cosine_schedule, unnormalize_to_zero_to_one
-from diffusion_contract import CHANNELS, SIZE, images, replace_noise
+from diffusion_contract import images
+from diffusion_probes import CHANNELS, replace_noise, SIZE
 from diffusion_probes import known_noise_prediction, StubNetwork
 from diffusion_reference import Handout
 

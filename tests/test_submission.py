@@ -213,7 +213,7 @@ def checked_run(tmp_path_factory):
     package's diffusion.py and a3_helper.py, and a student-style vae.py whose KL has the wrong
     sign; the zip goes to out.zip beside it."""
     root = fake_repository(tmp_path_factory.mktemp("checked") / "repo")
-    contracts = [name for _, contract, _, support in PARTS.values() for name in (contract, *support)]
+    contracts = [name for spec in PARTS.values() for name in spec.grading_files()]
     for name in (*contracts, "A3_PartB/diffusion.py"):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REAL / name, root / name)
