@@ -634,15 +634,17 @@ def hide_homes(homes, python, staging):
 
 
 def hide_devices(staging):
-    """In this mount namespace: /dev behind an empty file system but for KEPT_DEVICES, bound
-    back in place through ``staging``, which is then let go."""
+    """In this mount namespace: /dev behind an empty file system but for KEPT_DEVICES, each
+    bound back in place through ``staging``, which is then let go."""
     staging.mkdir(parents=True)
-    subprocess.run(["mount", "--rbind", "/dev", str(staging)], check=True)
+    for name in KEPT_DEVICES:
+        (staging / name).touch()
+        subprocess.run(["mount", "--bind", f"/dev/{name}", str(staging / name)], check=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=755", "hidden_devices", "/dev"], check=True)
     for name in KEPT_DEVICES:
         Path("/dev", name).touch()
         subprocess.run(["mount", "--bind", str(staging / name), f"/dev/{name}"], check=True)
-    subprocess.run(["umount", "--lazy", "--recursive", str(staging)], check=True)
+        subprocess.run(["umount", str(staging / name)], check=True)
 
 
 def make_read_only_outside(home):
