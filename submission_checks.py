@@ -145,19 +145,25 @@ def digests(part):
     return {relative: hashlib.sha256(data).hexdigest() for relative, data in judge_sources(part).items()}
 
 
+def judges_folder(part):
+    """{file name: bytes} of the grader's own folder of part's grading files: the files, and an
+    empty pytest.ini, so that pytest reads no settings from a folder above it."""
+    return {"pytest.ini": b"[pytest]\n", **{Path(relative).name: data for relative, data in judge_sources(part).items()}}
+
+
 def write_judges(part, folder):
     """Write part's grading files, as read when grading began, into the grader's own ``folder``
     (which nothing else writes): the folder's contract."""
     folder.mkdir()
-    for relative, data in judge_sources(part).items():
-        (folder / Path(relative).name).write_bytes(data)
+    for name, data in judges_folder(part).items():
+        (folder / name).write_bytes(data)
     return folder / Path(PARTS[part].contract).name
 
 
 def judges_intact(part, folder):
     """Whether ``folder`` holds exactly part's grading files, byte for byte (no conftest.py,
     no cache, nothing planted), as write_judges wrote them."""
-    expected = {Path(relative).name: data for relative, data in judge_sources(part).items()}
+    expected = judges_folder(part)
     found = {path.name for path in folder.iterdir()}
     return found == set(expected) and all((folder / name).read_bytes() == data for name, data in expected.items())
 
