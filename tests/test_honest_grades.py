@@ -345,3 +345,42 @@ def test_a_gpu_on_the_graders_machine_changes_no_verdict(device_type, tmp_path):
     assert {name for name, outcome in on_the_gpu.items() if outcome != "passed"} == {
         f"test_runs_on_each_device_the_trainer_picks[{method}-cuda]"
         for method in ("q_sample", "p_losses", "forward", "p_sample", "p_sample_loop", "sample")}
+
+
+def test_where_the_box_could_write_the_grader_grading_stops_in_one_line(tmp_path, monkeypatch, capsys):
+    import grade_submissions
+
+    bare = {name: (what if name in ("own folder", "environment", "limits") else None) for name, what in PROTECTED.items()}
+    monkeypatch.setattr(grade_submissions, "protections", lambda limits: bare)
+    (tmp_path / "submissions" / "ada").mkdir(parents=True)
+    with pytest.raises(SystemExit) as stopped:
+        grade_submissions.main([str(tmp_path / "submissions"), "--out", str(tmp_path / "report")])
+    assert str(stopped.value).startswith("Grading stopped: a student's file could write this grader's files here.")
+    assert "--without-isolation" in str(stopped.value) and not (tmp_path / "report").exists()
+    grade_submissions.main([str(tmp_path / "submissions"), "--out", str(tmp_path / "report"), "--without-isolation"])
+    assert "Graded WITHOUT isolation" in (tmp_path / "report" / "report.md").read_text()
+    assert "Graded WITHOUT isolation" in json.loads((tmp_path / "report" / "ada" / "results.json").read_text())["output"]
+
+
+def staff_table():
+    """{check: (weight, points, the checks it rests on)} as docs/staff.md lists them."""
+    rows = {}
+    for line in (REPO / "docs" / "staff.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`test_"):
+            rests = tuple(name.strip("` ") for name in cells[3].split(",")) if cells[3] != "-" else ()
+            rows[cells[0].strip("`")] = (int(cells[1]), float(cells[2]), rests)
+    return rows
+
+
+def test_the_staff_page_lists_each_checks_weight_points_and_what_it_rests_on():
+    from grade_submissions import shares
+    from test_contract_probes import students_run
+
+    expected = {}
+    for part, file in (("A", REPO / "A3_PartA" / "vae.py"), ("B", REPO / "A3_PartB" / "diffusion.py")):
+        weights = expected_checks(part)
+        points = dict(zip(weights, shares(POINTS[part], list(weights.values()))))
+        rests = {record["test"]: tuple(record.get("rests_on", ())) for record in students_run(part, file) if "test" in record}
+        expected.update({name: (weight, points[name], rests[name]) for name, weight in weights.items()})
+    assert staff_table() == expected
