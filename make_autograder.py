@@ -30,7 +30,8 @@ import zipfile
 from pathlib import Path
 
 from grade_submissions import POINTS, WITHOUT_ISOLATION, gradescope, grade_part, IGNORED_FOLDERS, read_submission
-from submission_checks import PARTS, IsolationMissing, Limits, digests, expected_checks, protections, require_isolation
+from submission_checks import (PARTS, IsolationMissing, Limits, digests, expected_checks, judge_sources, protections,
+                               require_isolation)
 
 REPO_ROOT = Path(__file__).resolve().parent
 CONFIG = "autograder.json"  # the parts graded, their points and checks, the limits
@@ -84,8 +85,9 @@ def source_files():
 
 
 def build(output, parts, points, limits, without_isolation=False):
-    """Write the autograder's zip to ``output``."""
+    """Write the autograder's zip to ``output``, the grading files as their digests were taken."""
     requirements = requirement_lines()
+    shipped = {name: data for part in PARTS for name, data in judge_sources(part).items()}
     torch = " ".join(f'"{requirements[name]}"' for name in ("torch", "torchvision"))
     others = [line for name, line in requirements.items() if name not in ("torch", "torchvision")]
     with zipfile.ZipFile(output, "w", zipfile.ZIP_DEFLATED) as archive:
@@ -94,7 +96,7 @@ def build(output, parts, points, limits, without_isolation=False):
         archive.writestr("requirements.txt", "\n".join(others) + "\n")
         archive.writestr(CONFIG, json.dumps(config(parts, points, limits, without_isolation), indent=1))
         for name in source_files():
-            archive.write(REPO_ROOT / name, name)
+            archive.writestr(name, shipped.get(name) or (REPO_ROOT / name).read_bytes())
 
 
 def write_executable(archive, name, text):
@@ -148,7 +150,7 @@ def run(root):
         results = {"score": 0, "output": f"Not graded: {stopped}", "tests": [], "visibility": "visible"}
     (root / "results").mkdir(parents=True, exist_ok=True)
     (root / "results" / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"score {results['score']} in {results['execution_time']} s; the box's protections here:")
+    print(results.get("output") or f"score {results['score']} in {results['execution_time']} s", "- the box's protections here:")
     for name, what in protections(Limits(**settings["limits"])).items():
         print(f"- {name}: {what or 'NOT in force'}")
 

@@ -268,7 +268,7 @@ def raised(error):
         return {"raised": "failed", "message": (str(error.msg).strip().splitlines() or [""])[0][:500]}
     text = "".join(traceback.format_exception_only(type(error), error)).strip()
     line = (text.splitlines() or [type(error).__name__])[-1][:500]
-    if not isinstance(error, Exception) or isinstance(error, pytest.skip.Exception):
+    if not isinstance(error, Exception):  # pytest's skip and exit, SystemExit, KeyboardInterrupt
         line = f"the file stopped this check ({line}): a check the file stops earns nothing"
     return {"raised": "failed", "message": line}
 

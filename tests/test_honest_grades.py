@@ -30,7 +30,8 @@ TEN_PERCENT = 0.1
 
 # ---- class 1: checks the file stops itself, whatever it raises
 STOPS = {"skip": "import pytest\n    pytest.skip('not written')", "exit": "raise SystemExit(0)",
-         "interrupt": "raise KeyboardInterrupt", "pytest_exit": "import pytest\n    pytest.exit('bye')"}
+         "interrupt": "raise KeyboardInterrupt", "pytest_exit": "import pytest\n    pytest.exit('bye')",
+         "os_exit": "import os\n    os._exit(0)"}
 VAE_STOPPING = """import torch
 from torch import nn
 def hello_vae():
@@ -178,8 +179,7 @@ def test_a_vae_py_whose_functions_stop_their_checks_earns_only_what_it_wrote(sto
     result, score = graded("A", VAE_STOPPING.format(stop=STOPS[stop]), tmp_path)
     assert result.verdict in ("fail", "error")
     assert score <= fair_share_of("A", ["test_hello_vae_prints_a_greeting"]) + 1e-9
-    stopped = [test for test in result.tests if test["test"].startswith("test_reparametrize")]
-    assert stopped and all(test["outcome"] == "failed" for test in stopped)
+    assert {test["test"] for test in result.tests if test["outcome"] == "passed"} <= {"test_hello_vae_prints_a_greeting"}
 
 
 @pytest.mark.parametrize("stop", ["skip", "exit"])
