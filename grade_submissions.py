@@ -199,7 +199,8 @@ def write_report(out, rows, protected, without_isolation=False):
         folder = out / safe_name(name)
         folder.mkdir(exist_ok=True)
         mine = [result for row_name, result in rows if row_name == name]
-        (folder / "results.json").write_text(json.dumps(gradescope(mine, without_isolation=without_isolation), indent=1))
+        graded = gradescope(mine, without_isolation=without_isolation)
+        (folder / "results.json").write_text(json.dumps(graded, indent=1))
 
 
 def row_values(name, result):

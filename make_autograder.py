@@ -150,7 +150,8 @@ def run(root):
         results = {"score": 0, "output": f"Not graded: {stopped}", "tests": [], "visibility": "visible"}
     (root / "results").mkdir(parents=True, exist_ok=True)
     (root / "results" / "results.json").write_text(json.dumps(results, indent=1))
-    print(results.get("output") or f"score {results['score']} in {results['execution_time']} s", "- the box's protections here:")
+    said = results.get("output") or f"score {results['score']} in {results['execution_time']} s"
+    print(said, "- the box's protections here:")
     for name, what in protections(Limits(**settings["limits"])).items():
         print(f"- {name}: {what or 'NOT in force'}")
 

@@ -148,7 +148,8 @@ def digests(part):
 def judges_folder(part):
     """{file name: bytes} of the grader's own folder of part's grading files: the files, and an
     empty pytest.ini, so that pytest reads no settings from a folder above it."""
-    return {"pytest.ini": b"[pytest]\n", **{Path(relative).name: data for relative, data in judge_sources(part).items()}}
+    files = {Path(relative).name: data for relative, data in judge_sources(part).items()}
+    return {"pytest.ini": b"[pytest]\n", **files}
 
 
 def write_judges(part, folder):

@@ -210,8 +210,9 @@ def checked_tensor(tensor, counted):
     if counted[0] > MAX_ELEMENTS:
         pytest.fail(f"the answer holds more than {MAX_ELEMENTS:,} values, more than any check asks for", pytrace=False)
     if tensor.numel():
-        reach = tensor.storage_offset() + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
-        if min(tensor.stride(), default=0) < 0 or (reach + 1) * tensor.element_size() > tensor.untyped_storage().nbytes():
+        strides = tensor.stride()
+        reach = tensor.storage_offset() + sum((size - 1) * stride for size, stride in zip(tensor.shape, strides))
+        if min(strides, default=0) < 0 or (reach + 1) * tensor.element_size() > tensor.untyped_storage().nbytes():
             pytest.fail("the answer holds a tensor whose strides reach beyond its storage", pytrace=False)
     return tensor.clone(memory_format=torch.contiguous_format)
 

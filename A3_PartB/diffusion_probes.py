@@ -291,9 +291,9 @@ def probe_on_the_trainers_device(under_test, method, device_type):
         move_as_the_trainer_does(built["diffusion"], torch.device(device_type))
 
     one_device = OneDevice(under_test)
-    step, stopped = first_failure_on_device(
-        [("building the Diffusion", build), (method, lambda: call_on(built["diffusion"], method, torch.device(device_type)))],
-        machine_with(device_type), SimulatedOnMeta(device_type), one_device)
+    call = (method, lambda: call_on(built["diffusion"], method, torch.device(device_type)))
+    step, stopped = first_failure_on_device([("building the Diffusion", build), call],
+                                            machine_with(device_type), SimulatedOnMeta(device_type), one_device)
     if stopped is None:
         return {"step": None}
     if beyond_the_simulation(stopped):

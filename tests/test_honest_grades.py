@@ -24,6 +24,7 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 LIMITS = Limits(seconds=120)
 PROTECTED = protections(LIMITS)
+BARE = {name: (what if name in ("own folder", "environment", "limits") else None) for name, what in PROTECTED.items()}
 SKELETON_VAE = (TESTS / "skeleton_style_vae" / "keyword_hidden_dim" / "vae.py").read_text()
 SKELETON_DIFFUSION = (TESTS / "skeleton_style_diffusion" / "diffusion.py").read_text()
 TEN_PERCENT = 0.1
@@ -179,7 +180,8 @@ def test_a_vae_py_whose_functions_stop_their_checks_earns_only_what_it_wrote(sto
     result, score = graded("A", VAE_STOPPING.format(stop=STOPS[stop]), tmp_path)
     assert result.verdict in ("fail", "error")
     assert score <= fair_share_of("A", ["test_hello_vae_prints_a_greeting"]) + 1e-9
-    assert {test["test"] for test in result.tests if test["outcome"] == "passed"} <= {"test_hello_vae_prints_a_greeting"}
+    passed = {test["test"] for test in result.tests if test["outcome"] == "passed"}
+    assert passed <= {"test_hello_vae_prints_a_greeting"}
 
 
 @pytest.mark.parametrize("stop", ["skip", "exit"])
@@ -217,7 +219,7 @@ def test_a_decoder_that_does_not_learn_falls_short_whatever_losses_train_vae_rep
     result, score = graded("A", VAE_NO_GRAD_DECODER_SHRINKING_LOSS, tmp_path)
     failed = {test["test"] for test in result.tests if test["outcome"] == "failed"}
     assert "test_train_vae_lowers_the_negative_elbo_of_held_out_images[VAE]" in failed
-    assert score < POINTS["A"] - fair_share_of("A", ["test_train_vae_lowers_the_negative_elbo_of_held_out_images[VAE]"]) + 1e-9
+    assert score <= POINTS["A"] - fair_share_of("A", ["test_train_vae_lowers_the_negative_elbo_of_held_out_images[VAE]"])
 
 
 def test_a_p_losses_with_a_constant_gradient_falls_short(tmp_path):
@@ -299,11 +301,10 @@ def test_without_isolation_a_planted_conftest_changes_no_verdict(tmp_path):
     from the bytes read when grading began, without any conftest, and a folder the box changed
     is its error."""
     source = grading_copy(tmp_path / "source")
-    bare = {name: (what if name in ("own folder", "environment", "limits") else None) for name, what in PROTECTED.items()}
     (tmp_path / "vae.py").write_text(PLANTS_A_CONFTEST.format(repo=str(source), conftest=CONFTEST))
     sys.path.insert(0, str(source))
     try:
-        result, score = graded("A", (tmp_path / "vae.py").read_text(), tmp_path, protected=bare)
+        result, score = graded("A", (tmp_path / "vae.py").read_text(), tmp_path, protected=BARE)
     finally:
         sys.path.remove(str(source))
     assert (source / "A3_PartA" / "conftest.py").exists()  # it could write there: it changed nothing
@@ -350,8 +351,7 @@ def test_a_gpu_on_the_graders_machine_changes_no_verdict(device_type, tmp_path):
 def test_where_the_box_could_write_the_grader_grading_stops_in_one_line(tmp_path, monkeypatch, capsys):
     import grade_submissions
 
-    bare = {name: (what if name in ("own folder", "environment", "limits") else None) for name, what in PROTECTED.items()}
-    monkeypatch.setattr(grade_submissions, "protections", lambda limits: bare)
+    monkeypatch.setattr(grade_submissions, "protections", lambda limits: BARE)
     (tmp_path / "submissions" / "ada").mkdir(parents=True)
     with pytest.raises(SystemExit) as stopped:
         grade_submissions.main([str(tmp_path / "submissions"), "--out", str(tmp_path / "report")])
@@ -359,7 +359,8 @@ def test_where_the_box_could_write_the_grader_grading_stops_in_one_line(tmp_path
     assert "--without-isolation" in str(stopped.value) and not (tmp_path / "report").exists()
     grade_submissions.main([str(tmp_path / "submissions"), "--out", str(tmp_path / "report"), "--without-isolation"])
     assert "Graded WITHOUT isolation" in (tmp_path / "report" / "report.md").read_text()
-    assert "Graded WITHOUT isolation" in json.loads((tmp_path / "report" / "ada" / "results.json").read_text())["output"]
+    results = json.loads((tmp_path / "report" / "ada" / "results.json").read_text())
+    assert "Graded WITHOUT isolation" in results["output"]
 
 
 def staff_table():
@@ -381,6 +382,7 @@ def test_the_staff_page_lists_each_checks_weight_points_and_what_it_rests_on():
     for part, file in (("A", REPO / "A3_PartA" / "vae.py"), ("B", REPO / "A3_PartB" / "diffusion.py")):
         weights = expected_checks(part)
         points = dict(zip(weights, shares(POINTS[part], list(weights.values()))))
-        rests = {record["test"]: tuple(record.get("rests_on", ())) for record in students_run(part, file) if "test" in record}
+        records = [record for record in students_run(part, file) if "test" in record]
+        rests = {record["test"]: tuple(record.get("rests_on", ())) for record in records}
         expected.update({name: (weight, points[name], rests[name]) for name, weight in weights.items()})
     assert staff_table() == expected
