@@ -178,13 +178,15 @@ def test_encoder_encodes_each_image_on_its_own(run, request, kind):
 def test_forward_decodes_z_drawn_by_reparametrize(run, request, kind):
     """x_hat = decoder(z) with z = mu + sigma eps (eq. (2)); the CVAE's decoder reads [z, c]
     (eq. (5)). Seen under one seed: x_hat equals the decoder on the z drawn from forward's mu,
-    logvar and the same eps."""
+    logvar and the same eps, and another z gives other images."""
     rests_on(request, REPARAMETRIZED, TRAINED[kind.name])
     answer = run(probe_forward_then_decoder, kind=kind.name, x=images(BATCH, 11), c=classes(BATCH, 12),
                  weights_seed=seeded(0), draw_seed=seeded(13))
     label = "decoder([z, c])" if kind.conditional else "decoder(z)"
     assert_close(f"{kind}'s x_hat = {label}, z of eq. (2)", per_image(answer["forward"][0]),
                  per_image(answer["decoded"]), rtol=1e-4, atol=1e-6)
+    moved = (per_image(answer["decoded_elsewhere"]) - per_image(answer["decoded"])).abs().max().item()
+    assert moved > 1e-4, f"{kind}'s decoder gives the same images for z and z + 1: it ignores z"
 
 
 def test_cvae_encoder_reads_the_class(run, request):
@@ -322,11 +324,13 @@ def binary_images(batch, seed):
 
 @weight(8)
 @pytest.mark.parametrize("kind", KINDS, ids=repr)
-def test_train_vae_lowers_the_negative_elbo_of_held_out_images(run, kind):
+def test_train_vae_lowers_the_negative_elbo_of_held_out_images(run, request, kind):
     """The notebook's training cells: train_vae(epoch, model, loader, cond) runs Adam on
     loss_function. Eight epochs of one batch of 16 images lower eq. (4)'s negative ELBO, computed
     here from the model's x_hat, mu and logvar, on 16 other images of the same kind, by more than
-    round-off: the model learns through its parameters, whatever losses it reports."""
+    round-off: the model learns through its parameters, whatever losses it reports. A model is a
+    VAE's when its latent is drawn by eq. (2): this rests on reparametrize."""
+    rests_on(request, REPARAMETRIZED)
     held_out, held_out_labels = binary_images(16, 34), torch.randint(0, CLASSES, (16,), generator=generator(35))
     answer = run(probe_training, kind=kind.name, batch=binary_images(16, 32),
                  labels=torch.randint(0, CLASSES, (16,), generator=generator(33)), held_out=held_out,

@@ -135,13 +135,15 @@ def probe_forwards(under_test, kind, batches, latent_size=LATENT, weights_seed=0
 
 def probe_forward_then_decoder(under_test, kind, x, c, weights_seed, draw_seed):
     """forward(x[, c]) after torch.manual_seed(draw_seed); then the decoder on the z of eq. (2)
-    that forward's mu and logvar give under the same seed: {"forward", "decoded"}."""
+    that forward's mu and logvar give under the same seed, and on z + 1:
+    {"forward", "decoded", "decoded_elsewhere"}."""
     model = KIND[kind].build(under_test, seed=weights_seed)
     torch.manual_seed(draw_seed)
     x_hat, mu, logvar = KIND[kind].forward(model, x, c)
     torch.manual_seed(draw_seed)
     z = Normal(mu, torch.exp(0.5 * logvar)).rsample()
-    return {"forward": (x_hat, mu, logvar), "decoded": decode(model, KIND[kind].decoder_input(z, c))}
+    return {"forward": (x_hat, mu, logvar), "decoded": decode(model, KIND[kind].decoder_input(z, c)),
+            "decoded_elsewhere": decode(model, KIND[kind].decoder_input(z + 1, c))}
 
 
 def probe_decoder(under_test, kind, codes, weights_seed):

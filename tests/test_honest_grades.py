@@ -85,6 +85,32 @@ def reparametrize(mu, logvar):
 def loss_function(x_hat, x, mu, logvar):
     return (x_hat * 0).sum()
 """
+VAE_LEARNING_A_MEAN_IMAGE = """import torch
+from torch import nn
+def hello_vae():
+    print("Hello from vae.py!")
+class VAE(nn.Module):
+    def __init__(self, input_size, latent_size=15, num_classes=0):
+        super().__init__()
+        self.latent_size = latent_size
+        self.image = nn.Parameter(torch.zeros(1, 1, 28, 28))
+        self.scale = nn.Parameter(torch.ones(1))
+    def decoder(self, z):
+        return torch.sigmoid(self.image + 0.01 * self.scale * z.sum(1).view(-1, 1, 1, 1)).expand(len(z), 1, 28, 28)
+    def forward(self, x, c=None):
+        mu = x.reshape(len(x), -1)[:, :self.latent_size] - 0.5
+        logvar = -torch.ones_like(mu)
+        return self.decoder(reparametrize(mu, logvar)), mu, logvar
+class CVAE(VAE):
+    def __init__(self, input_size, num_classes=10, latent_size=15):
+        super().__init__(input_size, latent_size)
+    def forward(self, x, c):
+        return super().forward(x)
+def reparametrize(mu, logvar):
+    return mu
+def loss_function(x_hat, x, mu, logvar):
+    return (x_hat - x.reshape(x_hat.shape)).pow(2).sum() / len(x)
+"""
 EVERY_EQUATION_WRONG = (
     ("return (abar[1:] / abar[:-1]).clamp(min=0.001, max=1.0)",
      "return (1 - torch.linspace(1e-4, 0.02, timesteps)).clamp(min=0.001, max=1.0)"),
@@ -198,8 +224,11 @@ def test_a_file_that_skips_at_import_fails_every_check(part, tmp_path):
     assert "stopped this check" in result.first_failure
 
 
-def test_a_vae_py_without_parameters_or_math_earns_at_most_a_tenth(tmp_path):
-    result, score = graded("A", VAE_WITHOUT_MATH, tmp_path)
+@pytest.mark.parametrize("source", [VAE_WITHOUT_MATH, VAE_LEARNING_A_MEAN_IMAGE], ids=["no_parameters", "a_mean_image"])
+def test_a_vae_py_without_the_math_earns_at_most_a_tenth(source, tmp_path):
+    """No encoder, no eq. (2), no eq. (4): without parameters, or a decoder that learns the mean
+    image and barely reads z."""
+    result, score = graded("A", source, tmp_path)
     assert result.verdict == "fail"
     assert score <= TEN_PERCENT * POINTS["A"]
 
