@@ -2,6 +2,7 @@
 damaged or unwritable file never breaks (the decoded images and the FID statistics)."""
 import contextlib
 import errno
+import io
 import os
 from pathlib import Path
 
@@ -40,18 +41,23 @@ def reported_write_errors(path):
 
 
 def atomic_write(path, write):
-    """Call ``write(binary_file)`` on a temporary file beside ``path``, then rename it to ``path``.
+    """Call ``write(binary_file)`` on a buffer in memory, write it to a temporary file beside
+    ``path``, then rename that to ``path``.
 
     A crash or Ctrl-C mid-write leaves the previous file intact instead of a truncated one, and
     a full disk or a folder without write permission raises SaveError, leaving no temporary file.
+    The buffer is why: torch.save's zip writer, writing to a full disk itself, raises a
+    RuntimeError ("unexpected pos") in place of the disk's OSError.
     """
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    buffer = io.BytesIO()
+    write(buffer)
     try:
         with reported_write_errors(path):
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(temporary, "wb") as file:
-                write(file)
+                file.write(buffer.getbuffer())
             os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

@@ -1,6 +1,6 @@
 """What to run first on a GPU (Colab, Kaggle): is the CUDA graph right, and which options pay?
 
-    python benchmarks/gpu_check.py            # made to take under two minutes; prints JSON
+    python benchmarks/gpu_check.py --out gpu_check.json    # under two minutes; the figures as JSON
 
 1. Correctness: three Trainers of the handout's model from the same weights, one replaying each
    step's gradient computation as a CUDA graph (the default on a GPU), two running it eagerly.
@@ -15,8 +15,11 @@
 3. Speed: steps/s of every precision the GPU runs (fp32, fp16 with its GradScaler, bf16 where
    the GPU computes it natively), each with the graph and without, side by side, and which
    option of each pair is worth keeping.
-Exits with status 1 when a check fails, 2 when there is no CUDA GPU. Nothing here runs in the tests.
+The figures are printed and, with ``--out``, written to that file as JSON (the datasets' log
+lines go to stdout too, so a redirected stdout is no JSON file). Exits with status 1 when a check
+fails, 2 when there is no CUDA GPU. Nothing here runs in the tests.
 """
+import argparse
 import json
 import sys
 import time
@@ -119,7 +122,10 @@ def precisions_of(device):
     return ["fp32", "fp16"] + (["bf16"] if major >= 8 else [])
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, help="write the figures here as JSON")
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("No CUDA GPU here: this check is for one (on Colab: Runtime -> Change runtime "
               "type -> T4 GPU).", file=sys.stderr)
@@ -156,6 +162,8 @@ def main():
                 name: f"{value:.1e}" for name, value in errors.items()}
             figures[f"autocast only rounds [{precision}]"] = "yes" if not beyond else f"NO: {beyond}"
     print(json.dumps(figures, indent=1))
+    if args.out is not None:
+        args.out.write_text(json.dumps(figures, indent=1) + "\n")
     return 1 if failed else 0
 
 

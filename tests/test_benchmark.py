@@ -112,3 +112,10 @@ def test_the_gpu_check_says_it_needs_a_gpu_and_exits_2_without_one():
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                             timeout=300, env=environment)
     assert result.returncode == 2 and "No CUDA GPU here" in result.stderr
+
+
+@pytest.mark.parametrize("figures", sorted(path.name for path in SCRIPT.parent.glob("*.json")))
+def test_every_committed_figures_file_is_json(figures):
+    """The figures are written by the scripts themselves (--out), not by redirecting stdout,
+    where the datasets' log lines land too."""
+    assert isinstance(json.loads((SCRIPT.parent / figures).read_text()), dict)

@@ -4,6 +4,9 @@ import builtins
 import errno
 import os
 import re
+import shutil
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -380,6 +383,33 @@ def test_main_on_a_full_disk_exits_2_with_one_error_line(afhq, tmp_path, capsys,
                                  capsys)
     assert status == 2
     assert len(errors) == 1 and errors[0].startswith(f"error: Cannot write {tmp_path}")
+
+
+ON_A_SMALL_DISK = """
+mount -t tmpfs -o size=256k tmpfs "$1" && cd "$2" && exec "$3" main.py "${@:4}"
+"""
+
+
+def unshare_mounts():
+    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not shutil.which("unshare") or not unshare_mounts(), reason="no user and mount namespaces here")
+def test_main_on_a_disk_that_really_fills_up_exits_2_with_one_error_line(afhq, tmp_path):
+    """A 256 KB file system as the results folder, in a mount namespace of the test's own, and
+    the starter's network, whose checkpoint does not fit: torch.save's zip writer alone would end
+    in a traceback of its RuntimeError ('unexpected pos')."""
+    (tmp_path / "results").mkdir()
+    flags = ["--image_size", str(IMAGE_SIZE), "--batch_size", "4", "--time_steps", "10", "--dataloader_workers", "0",
+             "--train_steps", "2", "--save_and_sample_every", "2", "--data_path", str(afhq),
+             "--save_folder", str(tmp_path / "results")]
+    run = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", ON_A_SMALL_DISK, "-",
+                          str(tmp_path / "results"), str(Path(main.__file__).parent), sys.executable, *flags],
+                         capture_output=True, text=True, timeout=600)
+    errors = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert errors[-1].startswith(f"error: Cannot write {tmp_path / 'results'}") and "No space left on device" in errors[-1]
+    assert "Traceback" not in run.stderr
 
 
 def test_a_results_folder_that_cannot_be_made_raises_a_save_error(afhq, tmp_path):
