@@ -30,6 +30,8 @@ PER_USER_FOLDERS = {  # variable -> its subfolder in the session's temporary fol
     "WANDB_CONFIG_DIR": "wandb_config",  # wandb does not follow XDG_CONFIG_HOME
 }
 SESSION_HOME = pytest.StashKey()
+SLOW_FIXTURES = {  # module fixtures that grade files in boxes or train: every test using one is slow
+    "graded", "results", "verdicts_by_file", "checked_run", "student_run", "student_part_b", "starter_checkpoint"}
 
 
 def pytest_configure(config):
@@ -40,6 +42,14 @@ def pytest_configure(config):
     for variable, subfolder in PER_USER_FOLDERS.items():
         environment.setenv(variable, str(home / subfolder))
     config.stash[SESSION_HOME] = home, environment
+
+
+def pytest_collection_modifyitems(items):
+    """Mark ``slow`` every test that uses one of SLOW_FIXTURES; single slow tests and whole slow
+    modules carry the mark themselves. ``python -m pytest -m "not slow"`` is the fast tier."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_unconfigure(config):

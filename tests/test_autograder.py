@@ -194,6 +194,7 @@ def test_a_faked_device_check_is_not_scored_and_says_what_it_rests_on(results):
         (0, "passed, not scored: it rests on test_q_sample_mean_is_sqrt_abar_t_times_x0, which did not score")]
 
 
+@pytest.mark.slow
 def test_local_grades_a_zip_left_whole_and_prints_what_the_student_would_see(tmp_path, capsys):
     with zipfile.ZipFile(tmp_path / "A3_submission.zip", "w") as archive:
         archive.write(OURS["A"], "A3_PartA/vae.py")

@@ -17,6 +17,7 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark.py"
 
 
+@pytest.mark.slow
 def test_benchmark_reports_pipeline_and_training_figures_as_json(tmp_path):
     report = tmp_path / "figures.json"
     subprocess.run(

@@ -17,6 +17,8 @@ import submission_checks
 from contract_probes import plain
 from submission_checks import PARTS, Limits, PhaseStopped, check_file, protections
 
+pytestmark = pytest.mark.slow  # each test grades files in boxes
+
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 LIMITS = Limits(seconds=120)

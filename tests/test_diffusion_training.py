@@ -1,5 +1,6 @@
 """A short end-to-end training run: the loss drops and the samples look like the data."""
 
+import pytest
 import torch
 
 from diffusion import Diffusion
@@ -15,6 +16,7 @@ def toy_images(batch, generator):
     return (COLOUR.view(1, 3, 1, 1) + jitter).expand(batch, 3, SIZE, SIZE)
 
 
+@pytest.mark.slow
 def test_short_training_lowers_the_loss_and_samples_match_the_data_mean():
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)

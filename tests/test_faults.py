@@ -394,6 +394,7 @@ def unshare_mounts():
     return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("unshare") or not unshare_mounts(), reason="no user and mount namespaces here")
 def test_main_on_a_disk_that_really_fills_up_exits_2_with_one_error_line(afhq, tmp_path):
     """A 256 KB file system as the results folder, in a mount namespace of the test's own, and

@@ -353,6 +353,7 @@ def test_an_entry_holding_more_than_its_header_says_is_refused(tmp_path):
 # ---- the command line
 
 
+@pytest.mark.slow
 def test_the_same_folder_gives_the_same_report_twice_from_the_command_line(tmp_path):
     """Zips refused or without the files: no check runs, so the whole report can be compared."""
     (tmp_path / "submissions").mkdir()

@@ -20,6 +20,8 @@ import pytest
 from grade_submissions import POINTS, gradescope
 from submission_checks import PARTS, Limits, check_file, expected_checks, phase_records, protections, write_judges
 
+pytestmark = pytest.mark.slow  # each test grades files in boxes
+
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 LIMITS = Limits(seconds=120)

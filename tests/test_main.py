@@ -307,6 +307,7 @@ def test_missing_data_exits_2_with_one_message_and_no_traceback(tmp_path):
     assert "--download" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_training_finishes_offline_with_no_wandb_key_and_stdin_closed(afhq, tmp_path):
     environment = {key: value for key, value in os.environ.items()
                    if key not in ("WANDB_MODE", "WANDB_API_KEY")}
@@ -437,6 +438,7 @@ def run_in_a_terminal(arguments, environment, timeout=300):
     return status, output.decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_demo_in_a_terminal_without_a_wandb_key_finishes_without_asking(tmp_path):
     environment = {key: value for key, value in os.environ.items()
                    if key not in ("WANDB_MODE", "WANDB_API_KEY")}

@@ -27,6 +27,8 @@ from nbclient.exceptions import CellExecutionError
 from afhq_data import make_afhq_folder
 from mnist_data import write_mnist_raw
 
+pytestmark = pytest.mark.slow  # each test runs a notebook in a Jupyter kernel
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LEFT_BEHIND = shutil.ignore_patterns("data", "results", "wandb", "MNIST_data", "__pycache__",
                                      ".ipynb_checkpoints", "*.pt", "*.jpg", "*.png")

@@ -7,6 +7,8 @@ The verdicts of real files, correct, buggy and hostile, are tested through the g
 
 import signal
 
+import pytest
+
 from submission_checks import Limits, check_file, protections, verdict
 
 LIMITS = Limits(seconds=60, cpu_seconds=20, memory_bytes=5 * 2 ** 30)
@@ -68,6 +70,7 @@ def test_a_memory_error_anywhere_is_a_memory_verdict():
     assert judged([failed("test_a", "RuntimeError: DefaultCPUAllocator: not enough memory"), DONE])[0] == "memory"
 
 
+@pytest.mark.slow
 def test_without_the_extra_isolation_a_box_still_ends_a_file_in_its_row(tmp_path):
     """Rlimits, a fresh folder and a clean environment only: what every POSIX machine gives."""
     bare = {name: (what if name in ("own folder", "environment", "limits") else None)
@@ -78,6 +81,7 @@ def test_without_the_extra_isolation_a_box_still_ends_a_file_in_its_row(tmp_path
     assert (result.verdict, result.first_failure) == ("error", "stopped before its checks finished (exit status 3): no output")
 
 
+@pytest.mark.slow
 def test_a_file_that_waits_forever_is_stopped_at_the_wall_time_limit(tmp_path):
     """It uses no CPU time, so only the wall time can end it: the whole box is killed then."""
     waits = tmp_path / "vae.py"

@@ -147,6 +147,7 @@ sys.exit(pytest.main([sys.argv[1], "-q", "-p", "no:cacheprovider", "-k", "train_
 """
 
 
+@pytest.mark.slow
 def test_the_contract_trains_on_the_cpu_even_where_a_gpu_is_found():
     """On a GPU a file's mistake can trip a CUDA kernel's assert and break the CUDA context of the
     whole process (the notebook's kernel): the contract's training check never goes there. Here
