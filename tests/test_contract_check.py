@@ -30,6 +30,8 @@ def test_both_parts_ship_the_same_copy(shared):
 @pytest.mark.parametrize("records, expected", [
     ([PASSED, PASSED, DONE], ("pass", 2, 2, "")),
     ([PASSED, NOT_RUN, DONE], ("pass", 1, 2, NOT_RUN["message"])),
+    ([NOT_RUN, WARNING, DONE], ("error", 0, 1, "no check ran")),
+    ([DONE], ("error", 0, 0, "no check ran")),
     ([PASSED, WARNING, PASSED, DONE], ("portability", 2, 2, WARNING["warning"])),
     ([PASSED, FAILED, WARNING, DONE], ("fail", 1, 2, "test_b: eq. (7) posterior mean is off")),
     ([ERROR, FAILED, DONE], ("error", 0, 2, "does not import or crashes outside any check: "
