@@ -52,7 +52,7 @@ class StubNetwork(nn.Module):
 
     def __init__(self, predict):
         super().__init__()
-        self.gain = nn.Parameter(torch.ones(()))  # so .parameters() and .to() work
+        self.gain = nn.Parameter(torch.ones(()))  # theta: .parameters(), .to() and a gradient to check
         self.predict = predict
         self.calls = []
 

@@ -1,10 +1,10 @@
 """What a GPU would refuse, found without one: the diffusion contract's simulated devices.
 
 The trainer puts the model on CUDA, else Apple's MPS, else the CPU. Here the machine says it has
-the one asked for (``contract_probes.machine_with``), tensors asked for on it are made on the ``meta`` device,
-which every machine has (``SimulatedOnMeta``), and every op is held to CUDA's rule that its
-tensors share one device (``OneDevice``), the line of the file under test that made a stray CPU
-tensor remembered for the message.
+the one asked for (``contract_probes.machine_with``), tensors asked for on it are made on the
+``meta`` device, which every machine has (``SimulatedOnMeta``), and every op is held to CUDA's
+rule that its tensors share one device (``OneDevice``), the line of the file under test that made
+a stray CPU tensor remembered for the message.
 """
 import contextlib
 import linecache
