@@ -29,7 +29,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from grade_submissions import POINTS, WITHOUT_ISOLATION, gradescope, grade_part, IGNORED_FOLDERS, read_submission
+from grade_submissions import POINTS, gradescope, grade_part, IGNORED_FOLDERS, read_submission
 from submission_checks import (PARTS, IsolationMissing, Limits, digests, expected_checks, judge_sources, protections,
                                require_isolation)
 

@@ -81,7 +81,7 @@ def table(found):
     """One row per file and method: both verdicts, and whether they agree."""
     rows = []
     for name, path in found.items():
-        for method in contract.METHODS:
+        for method in probes.METHODS:
             row = {"file": name, "method": method, "simulated_cuda": simulated(path, method),
                    "real_cuda": on_the_gpu(path, method)}
             row["agree"] = (row["simulated_cuda"] == "pass" or row["simulated_cuda"].startswith("not run")) == (
