@@ -33,6 +33,9 @@ in the box alike, whatever the machine has.
 
 Each part's folder holds this same file, as each part runs alone on Colab;
 tests/test_contract_check.py keeps the two copies identical.
+
+The source of this file is A3_PartA/contract_probes.py; A3_PartB holds a byte copy so that each part's
+folder runs alone (tests/test_contract_check.py names the source and keeps the copy equal).
 """
 import contextlib
 import functools

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from checkpoints import check_settings, load_network_weights, model_settings, read_checkpoint
 from device import (adam, autocast, autocast_dtype, CudaGraphed, default_device,
                     keep_freed_memory_for_reuse, move_to_device)
-from fid_score import extractor_name, fid_worker_count, FidScorer
+from fid_score import extractor_name, FidScorer
 from files import atomic_write, default_cache_folder, reported_write_errors, SaveError
 from images import DeviceBatches, endless_batches, load_image_set, to_image_range, to_model_range
 from reporting import (plot_metrics, plot_process, show_in_notebook, WandbLogger,
@@ -48,7 +48,7 @@ class Trainer:
     ``fid_feature_extractor`` (instead of clean-fid's Inception), ``num_fid_samples`` (512, the
     course protocol), ``num_samples`` (the grid), ``precision`` (see ``autocast_dtype``),
     ``cuda_graph`` (GPU only, see ``loss_and_gradients``), ``cache_folder``;
-    ``dataloader_workers`` caps the decoding threads and clean-fid's workers at the CPU count;
+    ``dataloader_workers`` caps the decoding threads at the CPU count;
     ``model.pt`` is also written once ``checkpoint_minutes`` of training have passed since the
     last checkpoint, so a kill (a Colab disconnect) loses at most that much.
     """
@@ -127,9 +127,8 @@ class Trainer:
         if self.fid:
             name = (f"fid_{extractor_name(fid_feature_extractor)}_{self.data_class or 'all'}_"
                     f"{self.image_size}px_{self.ds.key}.npz")
-            self.fid_scorer = FidScorer(self.ds.reference, self.cache_folder / name,
-                                        self.results_folder / "fid_samples", self.device,
-                                        fid_worker_count(workers), fid_feature_extractor)
+            self.fid_scorer = FidScorer(self.ds.reference, self.cache_folder / name, self.device,
+                                        fid_feature_extractor)
 
     def _prepare_optimization(self, learning_rate, cuda_graph):
         """Adam, a GradScaler (on for fp16) and ``gradient_pass``: the step's

@@ -6,8 +6,9 @@ table and JSON.
     python benchmarks/benchmark.py --images 2000 --part-steps 100 --every 10 --timed-steps 10 \
         --sections pipeline training lucidrains sampling precision part1   # a 2-core CPU
 
-It writes its own AFHQ-layout folder of synthetic 512x512 images (nothing is downloaded) and
-measures, in one run (``--sections`` picks some), after the machine: the CPU's capability
+It writes its own AFHQ-layout folder of synthetic 512x512 images (nothing is downloaded), or
+takes real cats (``--cats``), and measures, in one run (``--sections`` picks some), after the
+machine: the CPU's capability
 (AVX2, AVX512, ...), whether it runs bf16 natively, the rate of a 2048^3 matmul in fp32 (and
 bf16 where native), the limit each training figure is given as a share of, and the GFLOP of a
 training step (torch's FLOP counter):
@@ -23,8 +24,10 @@ training step (torch's FLOP counter):
     figure from a fresh process;
   * sampling: images/s for 512 samples of 50 steps, with each precision;
   * precision: 300 seeded steps in mixed precision and in float32, the mean loss of the last 100;
-  * fid: one FID evaluation with cached reference statistics against recomputing them, with an
-    Inception-v3-sized network (random weights) standing in for clean-fid's Inception offline;
+  * fid: one of Part 2's FID evaluations (512 samples, then their score against the cached
+    statistics of the training images, computed first and timed), sampling and scoring as
+    shares of the machine's rates, clean-fid's own FID of the same images from PNG files beside
+    ours, and lucidrains' FIDEvaluation (``fid_section.py``);
   * part1, part2, part5: end-to-end wall time of Part 1 (no FID), Part 2 (FID at every grid)
     and Part 5 (10,000 steps, only when asked for).
 To measure what a CPU without AVX-512 does, cap PyTorch, oneDNN and MKL at AVX2 on this one:
@@ -50,15 +53,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "A3_PartB"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import device as device_module  # noqa: E402
-import fid_score  # noqa: E402
+import fid_section  # noqa: E402
 import images as images_module  # noqa: E402
 import trainer as trainer_module  # noqa: E402
 import utils  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 from main import SYNTHETIC_COLOURS, synthetic_image  # noqa: E402
+from real_cats import cats_train_folder, describe  # noqa: E402
 from settings import SETTINGS  # noqa: E402
 from unet import Unet  # noqa: E402
 
@@ -75,8 +80,9 @@ def parse_args():
     parser.add_argument("--part-steps", type=int, default=1000, help="steps of the Part 1/2 runs")
     parser.add_argument("--every", type=int, default=None,
                         help="save/sample (and FID) interval of the Part 1/2 runs (default: steps/10)")
-    parser.add_argument("--fid-reference", type=int, default=None,
-                        help="reference images for the FID timing (default: all)")
+    parser.add_argument("--cats", default=None,
+                        help="real cats instead of synthetic ones: an AFHQ-layout zip (as "
+                             "../shared/data's) or an .npz (see real_cats.py)")
     parser.add_argument("--timed-steps", type=int, default=50, help="steps timed per speed option")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=DEFAULT_SECTIONS,
                         help="what to measure (default: all but part5)")
@@ -402,31 +408,29 @@ def sampling_images_per_s(trainer, device):
     return SAMPLES / seconds
 
 
-def inception_sized_extractor(device):
-    """Inception v3 with random weights: clean-fid's network's size, no download."""
-    network = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
-    network.fc = torch.nn.Identity()
-    network = network.to(device).eval()
-
-    @torch.no_grad()
-    def extract(images):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            return network(images.to(device) / 127.5 - 1).float()
-
-    extract.__name__ = "inception_sized_standin"
-    return extract
+def fid_limits(figures):
+    """The rates FID's sampling (bf16 where native, else fp32) and scoring (fp32) are held to."""
+    sampling = "bf16" if "matmul_gflops[bf16]" in figures else "fp32"
+    return ((sampling, figures[f"matmul_gflops[{sampling}]"]),
+            ("fp32", figures["matmul_gflops[fp32]"]))
 
 
-def fid_seconds(image_set, results, device, reference_count):
-    """(seconds with the reference statistics recomputed, seconds with them cached)."""
-    reference = image_set.reference[:reference_count]
-    samples = image_set.reference[:SAMPLES]
-    scorer = fid_score.FidScorer(reference, Path(results) / "fid_reference.npz",
-                                 Path(results) / "fid_samples", device,
-                                 fid_score.fid_worker_count(4), inception_sized_extractor(device))
-    recompute, _ = timed(lambda: scorer.score(samples), device)
-    cached, _ = timed(lambda: scorer.score(samples), device)
-    return recompute, cached
+def compare_fid_evaluations(image_set, results, device, figures):
+    """One FID evaluation of this package's Trainer and one of lucidrains' FIDEvaluation, from
+    the same seeded, untrained network size, on the same machine (``fid_section``)."""
+    extractor, network = fid_section.fid_network(device)
+    figures["fid_network"] = network
+    trainer = build_trainer(image_set, results / "ours", device, fid=True,
+                            fid_feature_extractor=extractor, cache_folder=results / "cache")
+    ours = fid_section.time_our_evaluation(trainer, timed, figures, fid_limits(figures))
+    diffusion = lucidrains_diffusion()
+    if diffusion is None:
+        figures["lucidrains"] = "not installed: pip install -r benchmarks/requirements.txt"
+        return
+    theirs = fid_section.time_lucidrains_evaluation(diffusion, image_set.reference,
+                                                    results / "lucidrains", device, timed,
+                                                    figures)
+    figures["fid_evaluation_speedup_over_lucidrains"] = f"{theirs / ours:.2f}x"
 
 
 def part_seconds(data_path, results, steps, every, fid, extractor):
@@ -460,9 +464,13 @@ def run(args, workdir, figures):
     figures["cpus"] = os.cpu_count()
     figures["torch"] = torch.__version__
     machine_figures(device, figures)
-    figures["images"] = args.images
-    data_path, mean_file_size = write_dataset(workdir / "data", args.images)
-    figures["mean_png_kb"] = round(mean_file_size / 1024)
+    if args.cats:
+        figures["data"] = describe(args.cats)
+        data_path = cats_train_folder(args.cats, workdir / "data")
+    else:
+        figures["images"] = args.images
+        data_path, mean_file_size = write_dataset(workdir / "data", args.images)
+        figures["mean_png_kb"] = round(mean_file_size / 1024)
     results = workdir / "results"
 
     decode_s, image_set = timed(lambda: images_module.load_image_set(
@@ -489,11 +497,7 @@ def run(args, workdir, figures):
     if "precision" in sections:
         precision_trains_the_same(image_set, results, device, figures)
     if "fid" in sections:
-        reference_count = args.fid_reference or len(image_set.reference)
-        recompute, cached = fid_seconds(image_set, results / "fid", device, reference_count)
-        figures["fid_reference_images"] = reference_count
-        figures["fid_recompute_reference_s"] = round(recompute, 2)
-        figures["fid_cached_reference_s"] = round(cached, 2)
+        compare_fid_evaluations(image_set, results / "fid", device, figures)
     time_parts(args, data_path, results, device, sections, figures)
 
 
@@ -508,7 +512,7 @@ def time_parts(args, data_path, results, device, sections, figures):
                                                 every, False, None), 1)
     if "part2" in sections:
         figures["part2_s"] = round(part_seconds(data_path, results / "part2", args.part_steps,
-                                                every, True, inception_sized_extractor(device)), 1)
+                                                every, True, fid_section.fid_network(device)[0]), 1)
     if "part5" in sections:
         figures["part5_s"] = round(part_seconds(data_path, results / "part5", 10000, 1000,
                                                 False, None), 1)

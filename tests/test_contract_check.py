@@ -21,10 +21,11 @@ DONE = {"done": True}
 
 
 @pytest.mark.parametrize("shared", ["contract_check.py", "contract_probes.py"])
-def test_both_parts_ship_the_same_copy(shared):
-    """Each part's folder runs alone on Colab, so each holds a copy: they must not drift apart."""
-    part_a, part_b = (REPO_ROOT / part / shared for part in ("A3_PartA", "A3_PartB"))
-    assert part_a.read_bytes() == part_b.read_bytes()
+def test_part_b_ships_a_byte_copy_of_the_source_in_part_a(shared):
+    """Each part's folder runs alone on Colab, so each holds the file; A3_PartA's is the source
+    (edit it, then copy it over A3_PartB's)."""
+    source, copy = REPO_ROOT / "A3_PartA" / shared, REPO_ROOT / "A3_PartB" / shared
+    assert copy.read_bytes() == source.read_bytes(), f"cp {source} {copy}"
 
 
 @pytest.mark.parametrize("records, expected", [

@@ -4,13 +4,14 @@ import csv
 import numpy as np
 import pytest
 import torch
+from cleanfid import fid as clean_fid
 from PIL import Image
 from scipy import linalg
 
 import fid_score
 import images
 from afhq_data import make_afhq_folder, part_b_environment  # noqa: F401 (autouse fixture)
-from fid_score import fid_worker_count, frechet_distance, psd_sqrt
+from fid_score import frechet_distance, psd_sqrt
 from utils import setup_diffusion
 
 NUM_FID_SAMPLES = 24
@@ -76,17 +77,52 @@ def test_fid_grows_as_the_samples_move_away_from_the_training_images(afhq, tmp_p
     assert scorer.score(generated_images()) > 10 * scorer.score(nearly) > 0
 
 
-def test_stale_sample_files_are_not_counted(afhq, tmp_path):
+def test_an_evaluation_scores_exactly_its_samples(afhq, tmp_path):
     extractor = CountingExtractor()
     scorer = fid_trainer(afhq, tmp_path, extractor).fid_scorer
     scorer.reference_statistics()
-    stale = tmp_path / "fid_samples"
-    stale.mkdir()
-    for index in range(5):
-        Image.new("RGB", (16, 16), "white").save(stale / f"old_{index}.png")
     seen_before = extractor.images_seen
     scorer.score(generated_images())
     assert extractor.images_seen - seen_before == NUM_FID_SAMPLES
+
+
+def pixel_probe(images):
+    """Features that see the resize: 21 pixels of each image as clean-fid resized it."""
+    return images[:, :, 150, 20:280:40].flatten(1)
+
+
+def clean_fid_from_png_files(reference, samples, folder):
+    """clean-fid's own FID of two uint8 image sets: PNG files, its folder features, its
+    distance."""
+    statistics = []
+    for name, image_set in (("reference", reference), ("samples", samples)):
+        (folder / name).mkdir()
+        for index, image in enumerate(image_set):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / name / f"{index}.png")
+        features = clean_fid.get_folder_features(
+            str(folder / name), pixel_probe, num_workers=0, device=torch.device("cpu"),
+            mode="clean", verbose=False)
+        statistics += [features.mean(axis=0), np.cov(features, rowvar=False)]
+    return clean_fid.frechet_distance(*statistics)
+
+
+def test_fid_from_memory_equals_clean_fids_own_from_png_files(tmp_path):
+    generator = torch.Generator().manual_seed(3)
+    reference = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8, generator=generator)
+    samples = torch.randint(0, 256, (48, 3, 16, 16), dtype=torch.uint8, generator=generator)
+    scorer = fid_score.FidScorer(reference, tmp_path / "reference.npz", torch.device("cpu"),
+                                 pixel_probe)
+    expected = clean_fid_from_png_files(reference, samples, tmp_path)
+    assert scorer.score(samples) == pytest.approx(expected, rel=1e-3)
+
+
+def test_the_resize_is_clean_fids_own_on_the_same_image():
+    image = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(4))
+    resized = fid_score.clean_resized(image)[0]
+    expected = fid_score.build_resizer("clean")(image[0].permute(1, 2, 0).numpy())
+    assert np.array_equal(resized.permute(1, 2, 0).numpy(), expected)
+    assert resized.shape == (3, 299, 299) and resized.dtype == torch.float32
 
 
 def test_fid_of_a_given_image_set_compares_with_that_set_not_the_folder(afhq, tmp_path):
@@ -107,32 +143,23 @@ def test_training_with_fid_on_all_classes_logs_scores_and_plots(afhq, tmp_path):
 
 
 def test_clean_fid_gets_the_trainer_device_and_no_data_parallel(afhq, tmp_path, monkeypatch):
-    built, folder_calls = [], []
+    built, devices = [], []
 
     def build(mode, device, use_dataparallel):
         built.append((mode, device, use_dataparallel))
         return CountingExtractor()
 
-    get_folder_features = fid_score.clean_fid.get_folder_features
+    get_batch_features = fid_score.get_batch_features
 
-    def recording_features(folder, model, **options):
-        folder_calls.append(options)
-        return get_folder_features(folder, model, **options)
+    def recording_features(batch, model, device):
+        devices.append(device)
+        return get_batch_features(batch, model, device)
 
     monkeypatch.setattr(fid_score, "build_feature_extractor", build)
-    monkeypatch.setattr(fid_score.clean_fid, "get_folder_features", recording_features)
+    monkeypatch.setattr(fid_score, "get_batch_features", recording_features)
     fid_trainer(afhq, tmp_path, None).fid_scorer.score(generated_images())
     assert built == [("clean", torch.device("cpu"), False)]
-    assert all(call["device"] == torch.device("cpu") and call["mode"] == "clean"
-               and call["num_workers"] == 0 for call in folder_calls)
-
-
-def test_fid_workers_are_capped_by_the_cpus_and_off_without_fork(monkeypatch):
-    monkeypatch.setattr(fid_score.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(fid_score.multiprocessing, "get_start_method", lambda: "fork")
-    assert fid_worker_count(16) == 2
-    monkeypatch.setattr(fid_score.multiprocessing, "get_start_method", lambda: "spawn")
-    assert fid_worker_count(16) == 0
+    assert devices and set(devices) == {torch.device("cpu")}
 
 
 def test_frechet_distance_matches_the_matrix_square_root_definition():

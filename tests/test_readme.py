@@ -1,5 +1,5 @@
 """The README is the student's page: short, the two commands first, and every link it and the
-docs/ pages give leads to a file of the repository."""
+docs/ pages give leads to a file of the repository; the docs say each thing once, briefly."""
 import re
 from pathlib import Path
 
@@ -10,7 +10,7 @@ LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 def test_readme_is_a_five_minute_read_with_both_commands_first():
     lines = (ROOT / "README.md").read_text().splitlines()
-    assert len(lines) <= 200
+    assert len(lines) <= 120
     first = "\n".join(lines[:40])
     assert "pip install -r requirements.txt && python A3_PartB/main.py --demo" in first
     assert "pip install -r requirements.txt && python -m pytest" in first
@@ -30,3 +30,32 @@ def test_every_relative_link_of_the_readme_and_docs_leads_to_a_file():
 def test_readme_links_each_docs_page():
     readme = (ROOT / "README.md").read_text()
     assert [page.name for page in PAGES[1:] if f"docs/{page.name}" not in readme] == []
+
+
+def paragraphs(text):
+    """The prose paragraphs of a Markdown page: runs of lines outside code blocks that are not
+    headings, tables, list items or pictures."""
+    prose, current, in_code = [], [], False
+    for line in text.splitlines() + [""]:
+        if line.startswith("```"):
+            in_code = not in_code
+        plain = not in_code and line.strip() and not line.lstrip().startswith(
+            ("#", "|", "-", "*", "!", "```")) and not line.lstrip()[:1].isdigit()
+        if plain:
+            current.append(line)
+        elif current:
+            prose.append(" ".join(current))
+            current = []
+    return prose
+
+
+def test_the_docs_are_short_and_each_paragraph_brief():
+    words = sum(len(page.read_text().split()) for page in PAGES)
+    assert words <= 5000
+    long = [f"{page.name}: {paragraph[:60]}..." for page in PAGES
+            for paragraph in paragraphs(page.read_text()) if len(paragraph.split()) > 120]
+    assert long == []
+
+
+def test_a_long_paragraph_is_caught():
+    assert paragraphs("# Title\n\n" + "word " * 130 + "\n\n| a | b |\n") == ["word " * 130]
