@@ -157,8 +157,7 @@ def grade(submissions, out, limits=Limits(), jobs=None, progress=True, without_i
     protected = protections(limits)
     if not without_isolation:
         require_isolation(protected)
-    for part in PARTS:
-        expected_checks(part)  # the checks and their weights, fixed before any file runs
+    checks = {part: expected_checks(part) for part in PARTS}  # fixed before any file runs
     with tempfile.TemporaryDirectory(prefix="a3_grading_") as scratch:
         read = [read_submission(path, Path(tempfile.mkdtemp(dir=scratch))) for path in entries]
         tasks = [(submission, part) for submission in read for part in PARTS]
@@ -166,7 +165,7 @@ def grade(submissions, out, limits=Limits(), jobs=None, progress=True, without_i
             results = list(tqdm(pool.map(lambda task: grade_part(*task, limits, protected), tasks),
                                 total=len(tasks), desc="grading", unit="file", disable=not progress))
     rows = [(submission.name, result) for (submission, _), result in zip(tasks, results)]
-    write_report(Path(out), rows, protected, without_isolation)
+    write_report(Path(out), rows, protected, checks, without_isolation)
     return rows
 
 
@@ -187,8 +186,9 @@ def grade_part(submission, part, limits, protected):
 # ---------------------------------------------------------------- the report
 
 
-def write_report(out, rows, protected, without_isolation=False):
-    """report.csv, report.md and <submission>/results.json under ``out``."""
+def write_report(out, rows, protected, checks, without_isolation=False):
+    """report.csv, report.md and <submission>/results.json under ``out``, each part's points
+    shared by its ``checks`` ({part: {name: weight}})."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "report.csv", "w", newline="") as stream:
         writer = csv.writer(stream)
@@ -199,7 +199,7 @@ def write_report(out, rows, protected, without_isolation=False):
         folder = out / safe_name(name)
         folder.mkdir(exist_ok=True)
         mine = [result for row_name, result in rows if row_name == name]
-        graded = gradescope(mine, without_isolation=without_isolation)
+        graded = gradescope(mine, checks=checks, without_isolation=without_isolation)
         (folder / "results.json").write_text(json.dumps(graded, indent=1))
 
 

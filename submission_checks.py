@@ -173,7 +173,14 @@ def judges_intact(part, folder):
 def expected_checks(part):
     """{name: weight} of part's checks, as its box reports them (parametrized ones with their
     parameters), collected from this repository's contract before any file runs: what a file
-    is graded on, and how much each check weighs, even when it stops before running them all."""
+    is graded on, and how much each check weighs, even when it stops before running them all.
+    Collected once per process for the same grading files (each collection starts a Python)."""
+    return dict(collected_checks(part, tuple(sorted(digests(part).items()))))
+
+
+@functools.lru_cache(maxsize=None)
+def collected_checks(part, grading_files):
+    """``expected_checks`` of part for the grading files of these (path, sha256) pairs."""
     with tempfile.TemporaryDirectory(prefix="a3_collect_") as scratch:
         contract = write_judges(part, Path(scratch) / "judges")
         records = phase_records("collect", contract, Path(scratch), 0, Limits())

@@ -7,7 +7,7 @@ import torch
 from cleanfid.features import build_feature_extractor
 from cleanfid.fid import get_batch_features
 from cleanfid.resize import build_resizer
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from files import read_cache, write_cache
 

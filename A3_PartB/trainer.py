@@ -278,9 +278,10 @@ class Trainer:
         on a GPU, in batches of ``CPU_SAMPLING_BATCH`` on a CPU, where a smaller batch stays in
         the caches. Leaves the model in train mode (the skeleton's ``sample`` does not)."""
         batch = CPU_SAMPLING_BATCH if self.device.type == "cpu" else count
+        starts = range(0, count, batch)  # a minute for FID's 512 on a 2-core CPU: shown
         with autocast(self.device, self.amp_dtype):
-            samples = torch.cat([self.model.sample(min(batch, count - done)).float()
-                                 for done in range(0, count, batch)])
+            samples = torch.cat([self.model.sample(min(batch, count - done)).float() for done in
+                                 tqdm(starts, desc="sampling", leave=False, disable=len(starts) == 1)])
         self.model.train()
         return samples
 

@@ -420,8 +420,9 @@ def compare_fid_evaluations(image_set, results, device, figures):
     the same seeded, untrained network size, on the same machine (``fid_section``)."""
     extractor, network = fid_section.fid_network(device)
     figures["fid_network"] = network
-    trainer = build_trainer(image_set, results / "ours", device, fid=True,
-                            fid_feature_extractor=extractor, cache_folder=results / "cache")
+    trainer = build_trainer(image_set, results / "ours", device, fid=True, data_class="cat",
+                            fid_feature_extractor=extractor,
+                            cache_folder=results.parent / "cache")  # part2's, which reuses them
     ours = fid_section.time_our_evaluation(trainer, timed, figures, fid_limits(figures))
     diffusion = lucidrains_diffusion()
     if diffusion is None:
