@@ -12,7 +12,8 @@ from tqdm import tqdm
 from files import read_cache, write_cache
 
 # Images per Inception forward, channels-last: 0.089 s an image at 16, 0.093 at 32, 0.116 at 64
-# (0.110, 0.119 and 0.139 not channels-last) on a 2-core AMD EPYC Zen 4 (AVX-512), fp32.
+# (0.110, 0.119 and 0.139 not channels-last) on a 2-core AMD EPYC Zen 4 (AVX-512), fp32: 16 and
+# 32 within that shared machine's drift of each other; the benchmark's figures are at 32.
 FID_BATCH = 32
 
 
