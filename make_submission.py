@@ -13,7 +13,7 @@ packed anyway but reported on stderr, because the graders read the outputs.
 
 Before packing, vae.py and diffusion.py are run against their contracts (vae_contract.py,
 diffusion_contract.py, the repository's own copies), each in a
-child process of its own (submission_checks.py), and one line per file gives the verdict and
+box of its own (grading/verdicts.py), and one line per file gives the verdict and
 its first cause; the zip is written whatever they say. --no-check skips it.
 """
 import argparse
@@ -24,7 +24,8 @@ from pathlib import Path
 
 import nbformat
 
-from submission_checks import PARTS, check_file
+from grading.protocol import PARTS
+from grading.verdicts import check_file
 
 REPO_ROOT = Path(__file__).resolve().parent
 PART_FOLDERS = {"A": "A3_PartA", "B": "A3_PartB"}
@@ -118,12 +119,12 @@ def report_left_out(entries, root):
 def check_against_contracts(root, parts):
     """Run each part's contract on its file, both at once, and print one line per file: the
     verdict, with its first cause unless it passes (on stderr, as a warning)."""
-    contracts = [PARTS[part][1] for part in parts if not (REPO_ROOT / PARTS[part][1]).is_file()]
+    contracts = [PARTS[part].contract for part in parts if not (REPO_ROOT / PARTS[part].contract).is_file()]
     if contracts:
         print(f"WARNING: not checked: {', '.join(contracts)} not found next to {Path(__file__).name}",
               file=sys.stderr)
         return
-    files = [Path(PART_FOLDERS[part]) / PARTS[part][0] for part in parts]
+    files = [Path(PART_FOLDERS[part]) / PARTS[part].file for part in parts]
     with ThreadPoolExecutor(max_workers=len(parts)) as pool:
         results = list(pool.map(lambda part, file: check_file(part, root / file, file.as_posix()), parts, files))
     for result in results:

@@ -13,54 +13,35 @@ handout's values for those inputs:
         ...judge mean against eq. (6)...
 
 A student's run (``pytest``, the notebook's check) calls the probe on the imported file at once.
-A grader runs the same contract three times, with ``A3_CONTRACT_PHASE``:
-
-1. ``inputs``, in the grader's process: each check draws its inputs, from seeds offset by
-   ``A3_CONTRACT_SEED`` (drawn afresh for each grading), and saves them with its probe's name;
-2. in the box, ``answer_probes`` imports the file and writes each probe's answer (or what it
-   raised) with ``torch.save``; nothing else of the box is read. The box holds the probes
-   module, never the contract, its references or this part's judges (``JUDGES_ONLY``);
-3. ``judge``, in the grader's process again, which never imports the file: each check reads its
-   answer with ``torch.load(weights_only=True)``, checks that it is data of a bounded size
-   (``bounded``), and judges it, as in a student's run.
+A grader (the ``grading`` package at the repository's root, which does not ship with the parts)
+runs the same contract in phases: the inputs are drawn and saved in its own process, the file
+answers the probes in a box, and the answers are judged in its own process again, which never
+imports the file. During those phases the grader's plugin sits in pytest's stash (``GRADING``)
+and ``run`` hands each check to it.
 
 Whatever the file raises in a probe (``pytest.skip`` and ``pytest.exit``, ``SystemExit``,
 ``KeyboardInterrupt`` included) fails that check: a check the file stops earns nothing. Only the
 judge itself may call a check not run (``NOT_RUN``), and a contract declares each check's
 ``weight`` and what it ``rests_on``, so that a part's points are fixed before the file runs.
 Every probe runs as on a machine without a GPU (``machine_with("cpu")``), in a student's run and
-in the box alike, whatever the machine has.
-
-Each part's folder holds this same file, as each part runs alone on Colab;
-tests/test_contract_check.py keeps the two copies identical.
+in the box alike, whatever the machine has. The answer is checked to be data of a bounded size
+before any judge computes with it (``outcome``), in both runs alike.
 
 The source of this file is A3_PartA/contract_probes.py; A3_PartB holds a byte copy so that each part's
 folder runs alone (tests/test_contract_check.py names the source and keeps the copy equal).
 """
 import contextlib
 import functools
-import hashlib
-import importlib.abc
-import itertools
 import os
-import sys
 import traceback
-from importlib.util import module_from_spec, spec_from_file_location
-from pathlib import Path
 
 import pytest
 import torch
 
-PHASE = "A3_CONTRACT_PHASE"  # "inputs" or "judge" while grading; unset in a student's run
-EXCHANGE = "A3_CONTRACT_EXCHANGE"  # the folder holding inputs/ and answers/ while grading
-SEED = "A3_CONTRACT_SEED"  # added to every seed of a contract's inputs; 0 in a student's run
-INPUTS_DRAWN = "inputs drawn for the box"  # how each check ends in the inputs phase
-NOT_ANSWERED = "not answered: the box stopped before this check's probe ran"
-IMPORT_ANSWER = "import"  # the answer's name that says the file did not import
+SEED = "A3_CONTRACT_SEED"  # added to every seed of a contract's inputs; unset in a student's run
+GRADING = pytest.StashKey()  # the grader's plugin while a grading phase runs; absent in a student's run
 NOT_RUN = "device check not run"  # how the judge starts a check it could not run; no probe may
-INPUTS_SAVED = itertools.count()  # numbers the saved inputs in the order the checks run
 FAILED = pytest.fail.Exception  # taken before the file under test runs
-JUDGES_ONLY = ("vae_contract", "diffusion_contract", "diffusion_reference", "contract_check")  # never in a box
 MAX_ELEMENTS = 2 ** 24  # in one answer: the largest a check asks for is 400,000 (eq. (2)'s moments)
 
 
@@ -108,29 +89,28 @@ def answering(function, answer):
 @pytest.fixture
 def run(request):
     """The ``run(probe, **inputs)`` of one check, a fixture each contract imports: the probe's
-    answer on the file under test (the contract's ``under_test``), as the phase gets it. A check
-    calls it once, so that one saved answer belongs to one check."""
-    phase = os.environ.get(PHASE, "")
-    exchange = Path(os.environ.get(EXCHANGE, "."))
+    answer on the file under test (the contract's ``under_test``), or, while a grader's phase
+    runs, what its plugin does with the check (``GRADING``). A check calls it once, so that one
+    saved answer belongs to one check."""
     name = request.node.name
-    if phase == "judge" and (exchange / "answers" / f"{IMPORT_ANSWER}.pt").is_file():
-        replay(read_answer(exchange / "answers" / f"{IMPORT_ANSWER}.pt"))
-    under_test = imported_under_test(request) if phase == "" else None
+    grading = request.config.stash.get(GRADING, None)
+    answerer = grading.answerer(name) if grading is not None else answering_here(request)
     calls = []
 
     def run(probe, **inputs):
         if calls:
             raise RuntimeError(f"{name} calls run() twice; a check hands its inputs to one probe")
         calls.append(probe)
-        if phase == "inputs":
-            torch.save({"check": name, "probe": probe.__name__, "inputs": inputs},
-                       exchange / "inputs" / f"{next(INPUTS_SAVED):04d}-{file_name(name)}.pt")
-            pytest.skip(INPUTS_DRAWN)
-        if phase == "judge":
-            return judged_answer(exchange / "answers", name, probe)
-        return outcome(answer(probe, under_test, inputs))  # what a grading's box would hand back
+        return answerer(probe, inputs)
 
     return run
+
+
+def answering_here(request):
+    """A student's run: each probe answered at once on the imported file, its answer checked
+    as a grader checks the box's (``outcome``)."""
+    under_test = imported_under_test(request)
+    return lambda probe, inputs: outcome(answer(probe, under_test, inputs))
 
 
 def imported_under_test(request):
@@ -141,35 +121,6 @@ def imported_under_test(request):
             return request.getfixturevalue("under_test")
     except BaseException as error:  # noqa: BLE001 - whatever stops the import is the verdict
         replay(raised(error))
-
-
-def file_name(check):
-    """A file name for a check's name, whatever its parameters hold (after the number of its
-    inputs, which orders the box's answers as the checks run)."""
-    return hashlib.sha256(check.encode()).hexdigest()[:24]
-
-
-def judged_answer(answers, check, probe):
-    """What the box's probe returned for ``check``, read as data only; what it raised is raised
-    again here, so that the check ends as it would in a student's run."""
-    found = sorted(answers.glob(f"*-{file_name(check)}.pt"))
-    if not found:
-        pytest.skip(NOT_ANSWERED)
-    given = read_answer(found[0])
-    if given.get("probe") != probe.__name__:
-        pytest.fail(f"the box did not answer {probe.__name__}", pytrace=False)
-    return outcome(given)
-
-
-def read_answer(path):
-    """One answer the box wrote, read as data only: a dict, or the check fails."""
-    try:
-        given = torch.load(path, weights_only=True)
-    except Exception as error:  # noqa: BLE001 - whatever the box wrote, it is not the grader's crash
-        pytest.fail(f"the box's answer cannot be read as data ({type(error).__name__})", pytrace=False)
-    if not isinstance(given, dict):
-        pytest.fail("the box's answer is not one of a probe's", pytrace=False)
-    return given
 
 
 def outcome(given):
@@ -220,39 +171,7 @@ def checked_tensor(tensor, counted):
     return tensor.clone(memory_format=torch.contiguous_format)
 
 
-# ---------------------------------------------------------------- in the box
-
-
-class JudgesOnly(importlib.abc.MetaPathFinder):
-    """Refuses, in the box, the modules that only the grader's processes hold (JUDGES_ONLY)."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in JUDGES_ONLY:
-            raise ImportError(f"{name} is the grader's (the handout's values and the checks): a file under "
-                              "grading cannot import it", name=name)
-        return None
-
-
-def answer_probes(probes, file, inputs, answers):
-    """Import the file under test with the part's ``probes`` module, as on a machine without a
-    GPU, then answer each saved check's probe into ``answers``, one file each, written whole or
-    not at all."""
-    sys.meta_path.insert(0, JudgesOnly())
-    sys.path.insert(0, str(Path(probes).parent))
-    spec = spec_from_file_location(Path(probes).stem, probes)
-    module = module_from_spec(spec)
-    spec.loader.exec_module(module)
-    answers.mkdir(exist_ok=True)
-    try:
-        with machine_with("cpu"):
-            under_test = module.load_under_test(Path(file))
-    except BaseException as error:  # noqa: BLE001 - whatever stops the import is the verdict
-        save(answers / f"{IMPORT_ANSWER}.pt", {"probe": "", **raised(error)})
-        return
-    for request_file in sorted(inputs.glob("*.pt")):  # in the order the checks run
-        request = torch.load(request_file, weights_only=True)
-        save(answers / request_file.name, {"probe": request["probe"],
-                                           **answer(getattr(module, request["probe"]), under_test, request["inputs"])})
+# ---------------------------------------------------------------- answering a probe
 
 
 def answer(probe, under_test, inputs):
@@ -289,10 +208,3 @@ def plain(value):
     if isinstance(value, dict):
         return {str(key): plain(item) for key, item in value.items()}
     raise TypeError(f"a probe returned a {type(value).__name__}, which is not data")
-
-
-def save(path, data):
-    """Write ``data`` to ``path`` whole: to a temporary name first, then renamed."""
-    partial = path.with_suffix(".partial")
-    torch.save(data, partial)
-    partial.replace(path)

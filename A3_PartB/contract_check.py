@@ -1,15 +1,11 @@
 """Run a part's contract on a file and say what it found: the notebook's check before training,
-and the records of the phases in which make_submission.py and grade_submissions.py judge a file
-(contract_probes.py).
+and the records a grader's phases read (the ``grading`` package at the repository's root).
 
 A contract (vae_contract.py, diffusion_contract.py) is a pytest file that checks the file an
 environment variable names. Its verdict on a run that finished: ``error`` (the file does not
 import, or crashes outside any check), ``fail`` (a check fails: the line names the equation and
 its numbers), ``portability`` (every check passes, but the file chooses its device itself: a
 warning) or ``pass``.
-
-Each part's folder holds this same file, as each part runs alone on Colab;
-tests/test_contract_check.py keeps the two copies identical.
 
 The source of this file is A3_PartA/contract_check.py; A3_PartB holds a byte copy so that each part's
 folder runs alone (tests/test_contract_check.py names the source and keeps the copy equal).
@@ -18,7 +14,6 @@ import contextlib
 import io
 import json
 import os
-import sys
 from pathlib import Path
 
 try:
@@ -64,12 +59,6 @@ class Recorder:
         if type(warning_message.message).__name__ == "PortabilityWarning":
             self.write(warning=f"{nodeid.split('::')[-1]}: {warning_message.message}")
 
-    def pytest_collection_finish(self, session):
-        """In the ``collect`` phase: each check's name and weight (contract_probes.weight)."""
-        if os.environ.get("A3_CONTRACT_PHASE") == "collect":
-            for item in session.items:
-                self.write(check=item.nodeid.split("::")[-1], weight=getattr(item.function, "weight", 1))
-
     def pytest_sessionfinish(self, session, exitstatus):
         self.write(done=True)
 
@@ -90,16 +79,16 @@ def one_line(report):
     return first[:500]
 
 
-def run_contract(contract, variables, stream=None, collect_only=False):
+def run_contract(contract, variables, stream=None, collect_only=False, plugins=()):
     """Run the contract at ``contract`` in this process, the environment holding ``variables``
-    (the one naming the file under test, or a grading phase's: contract_probes.py): the
-    Recorder's records. pytest runs alone, without the plugins installed beside it (one would
-    write its folders next to the contract), any conftest.py or its cache."""
+    (the one naming the file under test, or a grading phase's seed), with ``plugins`` (a
+    grading phase's): the Recorder's records. pytest runs alone, without the plugins installed
+    beside it (one would write its folders next to the contract), any conftest.py or its cache."""
     recorder = Recorder(stream)
     with environment({**variables, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}):
         pytest.main([str(contract), "-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception", "--noconftest",
                      "--rootdir", str(Path(contract).parent), *(["--collect-only"] if collect_only else [])],
-                    plugins=[recorder])
+                    plugins=[recorder, *plugins])
     return recorder.records
 
 
@@ -167,20 +156,3 @@ def check_before_training(contract, variable, file, train_anyway=False):
     if verdict in ("fail", "error") and not train_anyway:
         raise ContractFailed(f"{line}\n{TRAIN_ANYWAY_HINT}")
     print(line if verdict == "pass" else f"WARNING: {line}")
-
-
-def run_grading_phase(phase, contract, exchange, seed, records):
-    """One of a grading's phases in the grader's process (contract_probes.py): the contract run
-    with ``phase`` ("collect", "inputs" or "judge"), ``exchange`` and ``seed``, its records
-    written to the file ``records``."""
-    from contract_probes import EXCHANGE, PHASE, SEED
-
-    with open(records, "w", buffering=1) as stream:
-        run_contract(contract, {PHASE: phase, EXCHANGE: str(exchange), SEED: str(seed)}, stream,
-                     collect_only=phase == "collect")
-
-
-if __name__ == "__main__":  # python -I contract_check.py PHASE CONTRACT EXCHANGE SEED RECORDS
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # -I leaves this folder out
-    run_grading_phase(*sys.argv[1:6])
-

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from grade_submissions import POINTS
-from make_autograder import main as make_autograder, requirement_lines
-from submission_checks import PARTS, expected_checks
+from grading.gradescope import requirement_lines
+from grading.points import POINTS
+from grading.protocol import PARTS, expected_checks
+from make_autograder import main as make_autograder
 
 REPO = Path(__file__).resolve().parents[1]
 OURS = {"A": REPO / "A3_PartA" / "vae.py", "B": REPO / "A3_PartB" / "diffusion.py"}
@@ -120,7 +121,7 @@ def test_the_zip_holds_setup_sh_and_an_executable_run_autograder_at_its_root(aut
         settings = json.loads(archive.read("autograder.json"))
     assert {"setup.sh", "run_autograder"} <= set(entries)
     assert stat.S_IMODE(entries["run_autograder"].external_attr >> 16) & 0o111
-    for name in ("make_autograder.py", "grade_submissions.py", "submission_checks.py",
+    for name in ("grading/gradescope.py", "grading/sandbox.py", "grading/answer.py", "grading/phase.py",
                  *(spec.contract for spec in PARTS.values()), *(spec.probes for spec in PARTS.values())):
         assert name in entries
     assert {part: (value["points"], value["checks"]) for part, value in settings["parts"].items()} == {

@@ -1,8 +1,8 @@
-"""contract_probes.py: grading judges a file in processes that never import it, and gives each
-check the outcome a student's run gives.
+"""contract_probes.py and grading/protocol.py: grading judges a file in processes that never
+import it, and gives each check the outcome a student's run gives.
 
 A student's run calls each probe at once; grading draws the inputs from a fresh seed, lets the
-box answer the probes and judges the answers apart (submission_checks.check_file). The hostile
+box answer the probes and judges the answers apart (grading.verdicts.check_file). The hostile
 files that try to grade themselves are planted in tests/test_autograder.py.
 """
 import json
@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import submission_checks
 from contract_probes import plain
-from submission_checks import PARTS, Limits, PhaseStopped, check_file, protections
+from grading import protocol
+from grading.protocol import PARTS, PhaseStopped, box_protections
+from grading.sandbox import Limits
+from grading.verdicts import check_file
 
 pytestmark = pytest.mark.slow  # each test grades files in boxes
 
@@ -23,7 +25,7 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 LIMITS = Limits(seconds=120)
 BARE = {name: (what if name in ("own folder", "environment", "limits") else None)  # so that it can write a note
-        for name, what in protections(LIMITS).items()}
+        for name, what in box_protections(LIMITS).items()}
 SKELETON_VAE = (TESTS / "skeleton_style_vae" / "keyword_hidden_dim" / "vae.py").read_text()
 SKELETON_DIFFUSION = (TESTS / "skeleton_style_diffusion" / "diffusion.py").read_text()
 FILES = {
@@ -66,15 +68,15 @@ def test_grading_gives_each_check_the_outcome_a_students_run_gives(name, tmp_pat
 
 
 def test_the_processes_that_draw_inputs_and_judge_never_import_the_file(tmp_path):
-    """The file notes, at each import, the grading phase of the process importing it: only the
-    box (which has none) may."""
+    """The file notes, at each import, the script of the process importing it: only the box's
+    (answer.py) may."""
     notes = tmp_path / "imported_in.txt"
     path = tmp_path / "vae.py"
-    path.write_text(f"import os\nwith open({str(notes)!r}, 'a') as notes:\n"
-                    "    notes.write(repr(os.environ.get('A3_CONTRACT_PHASE')) + '\\n')\n" + SKELETON_VAE)
+    path.write_text(f"import os, sys\nwith open({str(notes)!r}, 'a') as notes:\n"
+                    "    notes.write(os.path.basename(sys.argv[0]) + '\\n')\n" + SKELETON_VAE)
     result = check_file("A", path, "vae.py", LIMITS, BARE)
     assert result.verdict == "pass"
-    assert set(notes.read_text().splitlines()) == {"None"}
+    assert set(notes.read_text().splitlines()) == {"answer.py"}
 
 
 def test_a_probe_hands_back_data_only():
@@ -86,14 +88,14 @@ def test_a_probe_hands_back_data_only():
 
 
 def test_answers_that_stop_the_judge_are_the_files_error_not_the_graders_crash(tmp_path, monkeypatch):
-    real_phase = submission_checks.phase_records
+    real_phase = protocol.phase_records
 
     def judge_stops(phase, contract, exchange, seed, limits):
         if phase == "judge":
             raise PhaseStopped("the judge phase of vae_contract.py stopped (killed by SIGSEGV): ")
         return real_phase(phase, contract, exchange, seed, limits)
 
-    monkeypatch.setattr(submission_checks, "phase_records", judge_stops)
+    monkeypatch.setattr(protocol, "phase_records", judge_stops)
     path = tmp_path / "vae.py"
     path.write_text(SKELETON_VAE)
     result = check_file("A", path, "vae.py", LIMITS)

@@ -231,7 +231,7 @@ def test_a_cpu_tensor_mixed_in_is_named_with_the_op_and_the_line_that_made_it(ve
 
 def test_a_file_that_picks_its_device_at_import_fails_no_check(verdicts_by_file):
     """It runs on every device the trainer picks by default; choosing the device itself is a
-    PortabilityWarning (tests/test_submission_checks.py), not a failure."""
+    PortabilityWarning (tests/test_verdicts.py), not a failure."""
     assert verdicts_by_file["device_chosen_at_import"] == {}
 
 

@@ -5,13 +5,12 @@ One batch is graded once for the module (each file checked costs a torch import 
 process): correct and buggy files of the contracts' fair-and-sharp tests, the two public-style
 device files, files that loop, hog memory, print megabytes, exit, kill their parent, fork or
 snoop, and zips that are malicious or broken. Each test reads its row. A hostile case whose
-protection this machine does not give (submission_checks.protections) is left out of the batch,
+protection this machine does not give (grading.sandbox.protections) is left out of the batch,
 so that it cannot harm the machine; every protection reported as in force is checked to hold.
 """
 
 import csv
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -21,8 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from grade_submissions import COLUMNS, Refused, grade, unpack
-from submission_checks import MiB, Limits, protections
+from grading.batch import COLUMNS, grade
+from grading.protocol import box_protections
+from grading.sandbox import Limits, MiB
+from grading.submissions import Refused, unpack
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -32,7 +33,7 @@ KL_SIGN_FLIPPED = STUDENT_VAE.replace("kl = -0.5 * torch.sum(", "kl = 0.5 * torc
 DEVICE_CHOSEN_AT_IMPORT = (TESTS / "devices_in_student_files" / "device_chosen_at_import" / "diffusion.py").read_text()
 CUDA_ONLY_IN_INIT = (TESTS / "devices_in_student_files" / "cuda_only_in_init" / "diffusion.py").read_text()
 LIMITS = Limits(seconds=120, cpu_seconds=20, memory_bytes=5 * 2 ** 30, file_bytes=4 * MiB, processes=64)
-PROTECTED = protections(LIMITS)
+PROTECTED = box_protections(LIMITS)
 SECRET = "A3_GRADER_API_KEY"
 
 LOOPS = "while True:\n    pass\n"

@@ -1,7 +1,7 @@
 """Honest grades: points only for the math, whatever a file does, and a grader no file can reach.
 
 Each class of attack is planted with a file of its own, graded as grade_submissions.py and the
-autograder grade (submission_checks.check_file, then the points of grade_submissions.gradescope):
+autograder grade (grading.verdicts.check_file, then the points of grading.gradescope.results_json):
 files that stop their checks or hold no math earn at most their fair share, fakes of what a
 check rests on fall short of full marks, the answer key cannot be imported, answers that would
 break the judge are the file's error, the box is never root and never writes the grader, and
@@ -17,15 +17,18 @@ from pathlib import Path
 
 import pytest
 
-from grade_submissions import POINTS, gradescope
-from submission_checks import PARTS, Limits, check_file, expected_checks, phase_records, protections, write_judges
+from grading.gradescope import results_json
+from grading.points import POINTS, shares
+from grading.protocol import PARTS, box_protections, expected_checks, phase_records, write_judges
+from grading.sandbox import Limits
+from grading.verdicts import check_file
 
 pytestmark = pytest.mark.slow  # each test grades files in boxes
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 LIMITS = Limits(seconds=120)
-PROTECTED = protections(LIMITS)
+PROTECTED = box_protections(LIMITS)
 BARE = {name: (what if name in ("own folder", "environment", "limits") else None) for name, what in PROTECTED.items()}
 SKELETON_VAE = (TESTS / "skeleton_style_vae" / "keyword_hidden_dim" / "vae.py").read_text()
 SKELETON_DIFFUSION = (TESTS / "skeleton_style_diffusion" / "diffusion.py").read_text()
@@ -144,12 +147,11 @@ DIFFUSION_CONSTANT_GRADIENT = SKELETON_DIFFUSION.replace(
 DIFFUSION_FROM_THE_REFERENCE = "from diffusion_reference import Handout\n" + SKELETON_DIFFUSION
 
 # ---- class 5: answers made to break the judge (a view of a few bytes standing for 2^47 values)
-ANSWERS_THAT_BREAK_THE_JUDGE = """import json, os, pathlib, sys, torch
-config = json.loads(pathlib.Path(sys.argv[-1]).read_text())
-answers = pathlib.Path(config["answers"])
+ANSWERS_THAT_BREAK_THE_JUDGE = """import os, pathlib, sys, torch
+inputs, answers = map(pathlib.Path, sys.argv[-2:])  # answer.py's command line: ... INPUTS ANSWERS
 answers.mkdir(exist_ok=True)
 huge = torch.zeros(1).as_strided((2 ** 47,), (0,))
-for question in pathlib.Path(config["inputs"]).glob("*.pt"):
+for question in inputs.glob("*.pt"):
     probe = torch.load(question, weights_only=True)["probe"]
     torch.save({"probe": probe, "returned": {"results": [huge, huge], "result": huge, "states": [huge],
                 "x_t": huge, "alphas": huge, "loss": huge, "drawn": huge, "places": "", "steps": [huge]}},
@@ -194,7 +196,7 @@ def graded(part, source, tmp_path, protected=PROTECTED, siblings=()):
     for sibling in siblings:
         shutil.copy(sibling, folder / Path(sibling).name)
     result = check_file(part, path, path.name, LIMITS, protected)
-    return result, gradescope([result])["score"]
+    return result, results_json([result])["score"]
 
 
 def fair_share_of(part, checks):
@@ -292,7 +294,7 @@ def test_the_box_sees_no_device_but_the_harmless_ones(tmp_path):
 
 def grading_copy(folder):
     """The grading files and tools copied into ``folder``, as an autograder's source holds them."""
-    for name in ("submission_checks.py", "grade_submissions.py",
+    for name in (*(path.relative_to(REPO).as_posix() for path in (REPO / "grading").glob("*.py")),
                  *(name for spec in PARTS.values() for name in spec.grading_files())):
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, folder / name)
@@ -301,12 +303,14 @@ def grading_copy(folder):
 
 GRADE_ONE = """import json, sys
 sys.path.insert(0, sys.argv[1])
-from grade_submissions import gradescope
-from submission_checks import Limits, check_file, isolated, protections
-protected = protections()
+from grading.gradescope import results_json
+from grading.protocol import box_protections
+from grading.sandbox import Limits, isolated
+from grading.verdicts import check_file
+protected = box_protections()
 result = check_file("A", sys.argv[2], "vae.py", Limits(seconds=120), protected)
 print(json.dumps({"isolated": isolated(protected), "uid": __import__("os").geteuid(),
-                  "verdict": result.verdict, "score": gradescope([result])["score"]}))
+                  "verdict": result.verdict, "score": results_json([result])["score"]}))
 """
 
 
@@ -344,7 +348,8 @@ def test_without_isolation_a_planted_conftest_changes_no_verdict(tmp_path):
 
 ANSWERS_SEEING = """import sys
 sys.path.insert(0, sys.argv[1])
-from contract_probes import answer_probes, machine_with
+from answer import answer_probes
+from contract_probes import machine_with
 from pathlib import Path
 with machine_with(sys.argv[2]):
     answer_probes(sys.argv[3], sys.argv[4], Path(sys.argv[5]), Path(sys.argv[6]))
@@ -381,8 +386,9 @@ def test_a_gpu_on_the_graders_machine_changes_no_verdict(device_type, tmp_path):
 
 def test_where_the_box_could_write_the_grader_grading_stops_in_one_line(tmp_path, monkeypatch, capsys):
     import grade_submissions
+    from grading import batch
 
-    monkeypatch.setattr(grade_submissions, "protections", lambda limits: BARE)
+    monkeypatch.setattr(batch, "box_protections", lambda limits: BARE)
     (tmp_path / "submissions" / "ada").mkdir(parents=True)
     with pytest.raises(SystemExit) as stopped:
         grade_submissions.main([str(tmp_path / "submissions"), "--out", str(tmp_path / "report")])
@@ -406,7 +412,6 @@ def staff_table():
 
 
 def test_the_staff_page_lists_each_checks_weight_points_and_what_it_rests_on():
-    from grade_submissions import shares
     from test_contract_probes import students_run
 
     expected = {}

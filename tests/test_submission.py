@@ -14,7 +14,7 @@ import nbformat
 import pytest
 
 from make_submission import PART_FILES
-from submission_checks import PARTS
+from grading.protocol import PARTS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "make_submission.py"
 
@@ -66,7 +66,7 @@ def fake_repository(root):
     """The fake repository of ``repo``, made at ``root``."""
     root.mkdir()
     shutil.copy(SCRIPT, root)
-    shutil.copy(SCRIPT.parent / "submission_checks.py", root)
+    shutil.copytree(SCRIPT.parent / "grading", root / "grading", ignore=shutil.ignore_patterns("__pycache__"))
     for name in sorted(PART_A_FILES | PART_B_FILES | set(DECOYS) | set(STRAY_CODE)):
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)

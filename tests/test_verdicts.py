@@ -1,4 +1,4 @@
-"""submission_checks.py: how a box's run becomes a verdict, and a box on a machine that gives
+"""grading/verdicts.py: how a box's run becomes a verdict, and a box on a machine that gives
 none of the extra isolation (no namespaces, no cgroup) still ends a file's check in its row.
 
 The verdicts of real files, correct, buggy and hostile, are tested through the grader
@@ -9,7 +9,9 @@ import signal
 
 import pytest
 
-from submission_checks import Limits, check_file, protections, verdict
+from grading.protocol import BoxRun, box_protections
+from grading.sandbox import Limits
+from grading.verdicts import check_file, verdict
 
 LIMITS = Limits(seconds=60, cpu_seconds=20, memory_bytes=5 * 2 ** 30)
 
@@ -28,7 +30,7 @@ PORTABILITY = {"warning": "test_takes_its_device_from_its_input[forward]: forwar
 
 def judged(records, returncode=0, timed_out=False, log_tail=""):
     failures = [record for record in records if record.get("outcome") in ("failed", "error")]
-    return verdict(returncode, timed_out, records, failures, log_tail, LIMITS)
+    return verdict("A", BoxRun(records, returncode, timed_out, log_tail, 1.0), failures, LIMITS)
 
 
 def test_every_check_passing_is_a_pass():
@@ -74,7 +76,7 @@ def test_a_memory_error_anywhere_is_a_memory_verdict():
 def test_without_the_extra_isolation_a_box_still_ends_a_file_in_its_row(tmp_path):
     """Rlimits, a fresh folder and a clean environment only: what every POSIX machine gives."""
     bare = {name: (what if name in ("own folder", "environment", "limits") else None)
-            for name, what in protections(LIMITS).items()}
+            for name, what in box_protections(LIMITS).items()}
     exits = tmp_path / "vae.py"
     exits.write_text("import os\nos._exit(3)\n")
     result = check_file("A", exits, "vae.py", LIMITS, bare)
