@@ -1,7 +1,6 @@
-"""One grading phase of a part's contract, run in the grader's own folder beside the contract,
-in a process that never imports the file under test (protocol.py):
-
-    python -E -s phase.py PHASE CONTRACT EXCHANGE SEED RECORDS
+"""One grading phase of a part's contract, imported from the grader's own folder beside the
+contract, in a process that never imports the file under test (protocol.run_phase):
+``run_phase(PHASE, CONTRACT, EXCHANGE, SEED, RECORDS)``.
 
 - ``collect``: each check's name and weight (``contract_probes.weight``), before any file runs;
 - ``inputs``: each check draws its inputs, from seeds offset by SEED (``contract_probes.seeded``),
@@ -14,7 +13,6 @@ The records (``contract_check.Recorder``) go to the file RECORDS, one JSON line 
 import functools
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -83,7 +81,3 @@ def run_phase(phase, contract, folder, seed, records):
     with open(records, "w", buffering=1) as stream:
         run_contract(contract, {SEED: seed}, stream, collect_only=phase == "collect",
                      plugins=[Exchange(phase, Path(folder), stream)])
-
-
-if __name__ == "__main__":
-    run_phase(*sys.argv[1:6])

@@ -13,16 +13,16 @@ about Linux; the box is sandbox.py's.
 4. **Judge**: in the grader's folder again, its files checked unchanged (``judges_intact``),
    each check judges its answer, read as data (``judged_records``).
 
-Phases 1, 2 and 4 run phase.py in an isolated interpreter, under the box's memory and CPU
+Phases 1, 2 and 4 run phase.py in a process of their own, under the box's memory and CPU
 limits, on the grading files as read when grading began (``judge_sources``).
 """
 import functools
 import hashlib
 import json
+import multiprocessing
 import os
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -188,22 +188,49 @@ def run_checks(part, path, limits, protected):
 
 def phase_records(phase, contract, exchange, seed, limits):
     """The records of ``contract`` (in the grader's own folder) run in this grading ``phase``
-    ("collect", "inputs" or "judge") by phase.py, in an isolated interpreter of the grader's
-    own that never imports the file under test, under the box's time and memory limits."""
-    records = exchange / f"{phase}.jsonl"
-    command = [sys.executable, "-E", "-s", "-B", str(contract.parent / "phase.py"), phase, str(contract),
-               str(exchange), str(seed), str(records)]
-    try:
-        run = subprocess.run(command, cwd=contract.parent, capture_output=True, text=True, timeout=limits.seconds,
-                             env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-                             preexec_fn=functools.partial(limit_child, limits) if can_set_limits() else None)
-    except subprocess.TimeoutExpired:
-        raise PhaseStopped(f"the {phase} phase of {contract.name} did not finish within {limits.seconds:g} s") from None
+    ("collect", "inputs" or "judge") by phase.py, in a process of the grader's own that never
+    imports the file under test, under the box's time and memory limits."""
+    records, log = exchange / f"{phase}.jsonl", exchange / f"{phase}.log"
+    child = phase_processes().Process(target=run_phase, daemon=True,
+                                      args=(phase, contract, exchange, seed, records, log, limits))
+    child.start()
+    child.join(limits.seconds)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        raise PhaseStopped(f"the {phase} phase of {contract.name} did not finish within {limits.seconds:g} s")
     found = read_records(records, exchange)
-    if run.returncode not in (0, 1) or not any("done" in record for record in found):
-        raise PhaseStopped(f"the {phase} phase of {contract.name} stopped ({how_it_ended(exit_status(run.returncode))}): "
-                           f"{last_line(run.stdout + run.stderr)}")
+    if child.exitcode not in (0, 1) or not any("done" in record for record in found):
+        output = log.read_text(errors="replace") if log.is_file() else ""
+        raise PhaseStopped(f"the {phase} phase of {contract.name} stopped ({how_it_ended(exit_status(child.exitcode))}): "
+                           f"{last_line(output)}")
     return found
+
+
+@functools.cache
+def phase_processes():
+    """Where the phases start: forked from a server that imported torch and pytest once (each
+    phase would spend most of its time importing them), or spawned where no fork server is."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "pytest"])
+    return context
+
+
+def run_phase(phase_name, contract, exchange, seed, records, log, limits):
+    """A phase's process: its output written to ``log``, the limits set, then phase.py of the
+    grader's own folder imported from there (writing no bytecode into it) and run."""
+    with open(log, "wb") as output:
+        os.dup2(output.fileno(), sys.stdout.fileno())
+        os.dup2(output.fileno(), sys.stderr.fileno())
+    if can_set_limits():
+        limit_child(limits)
+    sys.dont_write_bytecode = True
+    sys.path.insert(0, str(contract.parent))
+    import phase  # the grader's own copy, beside the contract, as the contract's modules are
+
+    phase.run_phase(phase_name, str(contract), str(exchange), str(seed), str(records))
 
 
 def draw_inputs(contract, exchange, seed, limits):
