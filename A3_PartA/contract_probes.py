@@ -62,8 +62,15 @@ def weight(points):
 def rests_on(request, *checks):
     """Mark a check that is no evidence of the math alone (a shape, a range, a device, the file
     compared with itself, what the box observed): a grader scores it only when ``checks`` (the
-    handout's values it belongs to) pass."""
-    request.node.user_properties.append(("rests_on", checks))
+    handout's values it belongs to: check functions, or ``(check, parameter id)`` for one case
+    of a parametrized check) pass."""
+    request.node.user_properties.append(("rests_on", tuple(map(check_name, checks))))
+
+
+def check_name(check):
+    """The name pytest reports for a check function, or ``(check, parameter id)``: ``test_x[id]``."""
+    function, *ids = check if isinstance(check, tuple) else (check,)
+    return function.__name__ + "".join(f"[{parameter}]" for parameter in ids)
 
 
 @contextlib.contextmanager

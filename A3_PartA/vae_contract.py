@@ -43,8 +43,12 @@ DEFAULT_FILE = PART_A / "vae.py"
 BATCH = 4
 RTOL = 1e-5  # float32 round-off of sums over 784 pixels and a few images
 ATOL = 1e-6  # for values that are 0 or nearly so
-TRAINED = {kind: f"test_train_vae_lowers_the_negative_elbo_of_held_out_images[{kind}]" for kind in ("VAE", "CVAE")}
-REPARAMETRIZED = "test_reparametrize_is_mu_plus_sigma_times_one_standard_normal_draw_of_mu_shape"
+
+
+def trained(kind_name):
+    """The check of a training that lowers eq. (4), for the model ``kind_name``: the one most
+    checks of a model rest on."""
+    return test_train_vae_lowers_the_negative_elbo_of_held_out_images, kind_name
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +125,7 @@ def test_hello_vae_prints_a_greeting(run):
 @pytest.mark.parametrize("kind", KINDS, ids=repr)
 def test_forward_returns_x_hat_n_1_28_28_and_mu_logvar_n_z(run, request, kind, latent):
     """x_hat is shaped like the images; mu and log sigma^2 hold latent_size values per image."""
-    rests_on(request, TRAINED[kind.name])
+    rests_on(request, trained(kind.name))
     [(x_hat, mu, logvar)] = run(probe_forwards, kind=kind.name, batches=[(images(BATCH, 1), classes(BATCH, 2))],
                                 latent_size=latent, weights_seed=seeded(0))
     shapes = tuple(tuple(tensor.shape) for tensor in (x_hat, mu, logvar))
@@ -139,7 +143,7 @@ def forward_on(run, kind, x, c):
 @pytest.mark.parametrize("kind", KINDS, ids=repr)
 def test_x_hat_is_one_bernoulli_probability_per_pixel(run, request, kind):
     """The decoder ends in a Sigmoid: every x_hat_i lies in [0, 1], the p(x|z) of eq. (1)."""
-    rests_on(request, TRAINED[kind.name])
+    rests_on(request, trained(kind.name))
     x_hat, _, _ = forward_on(run, kind, images(16, 3), classes(16, 4))
     low, high = x_hat.min().item(), x_hat.max().item()
     assert 0 <= low and high <= 1, f"{kind}'s x_hat spans [{low:.4g}, {high:.4g}], not [0, 1]"
@@ -149,7 +153,7 @@ def test_x_hat_is_one_bernoulli_probability_per_pixel(run, request, kind):
 def test_encoder_gives_mu_of_either_sign_and_logvar_below_zero(run, request, kind):
     """The heads are plain Linear layers: mu is any real number and so is logvar = log sigma^2,
     negative where sigma < 1 (nothing after the heads, no ReLU, no BatchNorm)."""
-    rests_on(request, TRAINED[kind.name])
+    rests_on(request, trained(kind.name))
     _, mu, logvar = forward_on(run, kind, images(16, 5), classes(16, 6))
     spans = {name: (value.min().item(), value.max().item()) for name, value in (("mu", mu), ("logvar", logvar))}
     if not spans["mu"][0] < 0 < spans["mu"][1] or not spans["logvar"][0] < 0:
@@ -163,7 +167,7 @@ def test_encoder_gives_mu_of_either_sign_and_logvar_below_zero(run, request, kin
 def test_encoder_encodes_each_image_on_its_own(run, request, kind):
     """q(z|x) is a function of x (and c) alone: an image's mu and logvar do not depend on the
     other images of its batch (no BatchNorm)."""
-    rests_on(request, TRAINED[kind.name])
+    rests_on(request, trained(kind.name))
     x, c = images(6, 7), classes(6, 8)
     alone = (torch.cat([x[:1], images(5, 9)]), torch.cat([c[:1], classes(5, 10)]))
     (_, *together), (_, *first_alone) = run(probe_forwards, kind=kind.name, batches=[(x, c), alone],
@@ -179,7 +183,8 @@ def test_forward_decodes_z_drawn_by_reparametrize(run, request, kind):
     """x_hat = decoder(z) with z = mu + sigma eps (eq. (2)); the CVAE's decoder reads [z, c]
     (eq. (5)). Seen under one seed: x_hat equals the decoder on the z drawn from forward's mu,
     logvar and the same eps, and another z gives other images."""
-    rests_on(request, REPARAMETRIZED, TRAINED[kind.name])
+    rests_on(request, test_reparametrize_is_mu_plus_sigma_times_one_standard_normal_draw_of_mu_shape,
+             trained(kind.name))
     answer = run(probe_forward_then_decoder, kind=kind.name, x=images(BATCH, 11), c=classes(BATCH, 12),
                  weights_seed=seeded(0), draw_seed=seeded(13))
     label = "decoder([z, c])" if kind.conditional else "decoder(z)"
@@ -191,7 +196,7 @@ def test_forward_decodes_z_drawn_by_reparametrize(run, request, kind):
 
 def test_cvae_encoder_reads_the_class(run, request):
     """eq. (5): q(z|x, c) sees [flatten(x), c], so the same image gets another mu with another class."""
-    rests_on(request, TRAINED["CVAE"])
+    rests_on(request, trained("CVAE"))
     x, c = images(BATCH, 14), classes(BATCH, 15)
     (_, mu, _), (_, mu_other, _) = run(probe_forwards, kind="CVAE", batches=[(x, c), (x, c.roll(1, dims=1))],
                                        weights_seed=seeded(0))
@@ -200,7 +205,7 @@ def test_cvae_encoder_reads_the_class(run, request):
 
 def test_cvae_decoder_draws_a_different_image_for_each_class_from_one_code(run, request):
     """eq. (5): p(x|z, c) reads [z, c]; the notebook decodes one code with each of the 10 classes."""
-    rests_on(request, TRAINED["CVAE"])
+    rests_on(request, trained("CVAE"))
     z = torch.randn(1, LATENT, generator=generator(29)).expand(CLASSES, LATENT)
     generated = run(probe_decoder, kind="CVAE", codes=torch.cat([z, torch.eye(CLASSES)], dim=1),
                     weights_seed=seeded(0))["generated"]
@@ -308,7 +313,7 @@ def prior_codes(kind):
 def test_decoder_turns_codes_from_the_prior_into_images_that_show_images_draws(run, request, kind):
     """The notebook's generation cells: model.decoder(z) gives 10 images of 784 pixels in [0, 1],
     which show_images lays out in a 4 x 3 grid."""
-    rests_on(request, TRAINED[kind.name])
+    rests_on(request, trained(kind.name))
     answer = run(probe_decoder, kind=kind.name, codes=prior_codes(kind), weights_seed=seeded(0))
     generated = answer["generated"]
     assert per_image(generated).shape == (CLASSES, INPUT_SIZE), (
@@ -330,7 +335,7 @@ def test_train_vae_lowers_the_negative_elbo_of_held_out_images(run, request, kin
     here from the model's x_hat, mu and logvar, on 16 other images of the same kind, by more than
     round-off: the model learns through its parameters, whatever losses it reports. A model is a
     VAE's when its latent is drawn by eq. (2): this rests on reparametrize."""
-    rests_on(request, REPARAMETRIZED)
+    rests_on(request, test_reparametrize_is_mu_plus_sigma_times_one_standard_normal_draw_of_mu_shape)
     held_out, held_out_labels = binary_images(16, 34), torch.randint(0, CLASSES, (16,), generator=generator(35))
     answer = run(probe_training, kind=kind.name, batch=binary_images(16, 32),
                  labels=torch.randint(0, CLASSES, (16,), generator=generator(33)), held_out=held_out,

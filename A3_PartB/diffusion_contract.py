@@ -67,27 +67,36 @@ def under_test():
 
 
 HANDOUT = Handout(T)
-# the checks of the handout's values that others rest on
-COURSE_SCHEDULE = "test_cosine_schedule_is_eq_3[course]"
-Q_SAMPLE_MEAN = "test_q_sample_mean_is_sqrt_abar_t_times_x0"
-P_LOSSES = "test_p_losses_is_the_mean_l1_distance_between_noise_and_prediction"
-POSTERIOR_MEAN = "test_p_sample_mean_is_the_posterior_mean_of_eq_7_at_every_t"
-ALGORITHM_2 = "test_p_sample_loop_follows_algorithm_2_and_returns_x0_in_zero_to_one"
-SAMPLE = "test_sample_runs_algorithm_2_from_x_T_drawn_by_noise_like"
-CHECKED_ON_THE_CPU = {  # the checks of each method's values, on which its other checks rest
-    "q_sample": (Q_SAMPLE_MEAN, "test_q_sample_std_is_sqrt_one_minus_abar_t"),
-    "p_losses": (P_LOSSES,),
-    "forward": ("test_forward_is_the_l1_loss_at_the_steps_it_draws",),
-    "p_sample": (POSTERIOR_MEAN, "test_p_sample_adds_sigma_t_times_the_noise_at_every_t_above_0"),
-    "p_sample_loop": (ALGORITHM_2,),
-    "sample": (SAMPLE,),
-}
+
+
+def checked_on_the_cpu(method):
+    """The checks of ``method``'s values, on which its other checks rest."""
+    return {
+        "q_sample": (test_q_sample_mean_is_sqrt_abar_t_times_x0, test_q_sample_std_is_sqrt_one_minus_abar_t),
+        "p_losses": (test_p_losses_is_the_mean_l1_distance_between_noise_and_prediction,),
+        "forward": (test_forward_is_the_l1_loss_at_the_steps_it_draws,),
+        "p_sample": (test_p_sample_mean_is_the_posterior_mean_of_eq_7_at_every_t,
+                     test_p_sample_adds_sigma_t_times_the_noise_at_every_t_above_0),
+        "p_sample_loop": (test_p_sample_loop_follows_algorithm_2_and_returns_x0_in_zero_to_one,),
+        "sample": (test_sample_runs_algorithm_2_from_x_T_drawn_by_noise_like,),
+    }[method]
+
+
+def generator(seed):
+    """The generator of a check's inputs for its ``seed``, offset afresh for each grading
+    (contract_probes.seeded): every input helper here draws through it."""
+    return torch.Generator().manual_seed(seeded(seed))
+
+
+def noise_drawn(seed):
+    """noise_like's draws for a check's ``seed``: those the probe makes from ``seeded(seed)``
+    (diffusion_probes.seeded_draws)."""
+    return seeded_draws(seeded(seed))
 
 
 def images(batch, seed):
-    """Values in [-1, 1), fixed by ``seed`` (offset afresh for each grading)."""
-    generator = torch.Generator().manual_seed(seeded(seed))
-    return torch.rand(batch, CHANNELS, SIZE, SIZE, generator=generator) * 2 - 1
+    """Values in [-1, 1), fixed by ``seed``."""
+    return torch.rand(batch, CHANNELS, SIZE, SIZE, generator=generator(seed)) * 2 - 1
 
 
 def assert_rows_close(what, actual, expected, labels, *, atol=ATOL, draws=""):
@@ -130,21 +139,21 @@ def at_each_t(ts):
 
 
 def uniform(count, seed):
-    """``count`` values in [0, 1), fixed by ``seed`` (offset afresh for each grading)."""
-    return torch.rand(count, generator=torch.Generator().manual_seed(seeded(seed)))
+    """``count`` values in [0, 1), fixed by ``seed``."""
+    return torch.rand(count, generator=generator(seed))
 
 
 def test_extract_picks_one_entry_per_sample_shaped_to_broadcast(run, request):
-    rests_on(request, Q_SAMPLE_MEAN)
+    rests_on(request, test_q_sample_mean_is_sqrt_abar_t_times_x0)
     values = uniform(4, seed=50)
-    t = torch.randperm(4, generator=torch.Generator().manual_seed(seeded(51)))[:3]
+    t = torch.randperm(4, generator=generator(51))[:3]
     picked = run(probe_extract, values=values, t=t, shape=(3, CHANNELS, SIZE, SIZE))
     assert tuple(picked.shape) == (3, 1, 1, 1)
     assert picked.flatten().tolist() == values[t].tolist()
 
 
 def test_unnormalize_maps_minus_one_to_one_onto_zero_to_one(run, request):
-    rests_on(request, ALGORITHM_2)
+    rests_on(request, test_p_sample_loop_follows_algorithm_2_and_returns_x0_in_zero_to_one)
     x = torch.cat([torch.tensor([-1.0, -0.5, 0.0, 1.0]), uniform(6, seed=52) * 2 - 1])
     unnormalized = run(probe_unnormalize, x=x)
     assert unnormalized[:4].tolist() == [0.0, 0.25, 0.5, 1.0]
@@ -176,7 +185,7 @@ def test_cosine_schedule_is_eq_3(run, case):
 
 def test_cosine_schedule_clips_alphas_to_between_0_001_and_1(run, request):
     """eq. (3)'s clip: abar(T) / abar(T-1) is about 0, so the last alpha is clipped up to 0.001."""
-    rests_on(request, COURSE_SCHEDULE)
+    rests_on(request, (test_cosine_schedule_is_eq_3, "course"))
     alphas = run(probe_cosine_schedule, timesteps=T, settings={}).double()
     assert alphas[-1].item() == pytest.approx(0.001, rel=RTOL)
     assert alphas.min().item() >= 0.001 * (1 - RTOL) and alphas.max().item() <= 1
@@ -193,7 +202,7 @@ def test_every_random_draw_goes_through_noise_like(run, request, method):
     results: with noise_like replaced by the same draws, two seeds of torch's global generator
     give the same result. q_sample and p_losses are checked where noise may be left out; a method
     that requires noise draws none."""
-    rests_on(request, *CHECKED_ON_THE_CPU[method])
+    rests_on(request, *checked_on_the_cpu(method))
     answer = run(probe_draws_outside_noise_like, method=method, x=images(BATCH, seed=40),
                  global_seeds=[seeded(41), seeded(42)], noise_seed=seeded(43))
     if answer is None:
@@ -211,7 +220,7 @@ def test_every_random_draw_goes_through_noise_like(run, request, method):
 
 
 def test_diffusion_keeps_its_network_and_settings(run, request):
-    rests_on(request, Q_SAMPLE_MEAN)
+    rests_on(request, test_q_sample_mean_is_sqrt_abar_t_times_x0)
     answer = run(probe_settings, image_size=6, channels=2, timesteps=7)
     assert answer["keeps_network"], "Diffusion(model, ...).model is not the network it was given"
     assert tuple(answer["settings"]) == (6, 2, 7), (
@@ -222,7 +231,7 @@ def test_diffusion_keeps_its_network_and_settings(run, request):
 def test_abar_is_the_running_product_of_the_clipped_alphas(run, request):
     """eq. (6): abar_t = alpha_0 ... alpha_t over cosine_schedule's clipped alphas, not f(t)/f(0);
     seen as q_sample(1, t, 0) = sqrt(abar_t)."""
-    rests_on(request, COURSE_SCHEDULE)
+    rests_on(request, (test_cosine_schedule_is_eq_3, "course"))
     x_0 = torch.ones(T, CHANNELS, SIZE, SIZE)
     answer = run(probe_q_sample_beside_the_schedule, x_0=x_0, t=torch.arange(T), noise=torch.zeros_like(x_0))
     expected = torch.cumprod(answer["alphas"].double(), 0).sqrt().view(T, 1, 1, 1).expand(x_0.shape)
@@ -283,7 +292,7 @@ def test_p_losses_gradient_at_the_network_is_the_l1_losses_gradient(run):
 @weight(3)
 def test_forward_is_the_l1_loss_at_the_steps_it_draws(run, request):
     """Algorithm 1: forward(x_0, noise) is p_losses at one random t per image."""
-    rests_on(request, P_LOSSES)
+    rests_on(request, test_p_losses_is_the_mean_l1_distance_between_noise_and_prediction)
     x_0, noise = images(8, seed=5), images(8, seed=6)
     answer = run(probe_forward, x_0=x_0, noise=noise, seed=seeded(0))
     drawn = answer["drawn"]
@@ -293,7 +302,7 @@ def test_forward_is_the_l1_loss_at_the_steps_it_draws(run, request):
 
 def test_forward_draws_t_uniformly_from_0_to_T_minus_1(run, request):
     """Algorithm 1 line 3: t ~ Uniform{1..T}, which is 0..T-1 in code; no step left out."""
-    rests_on(request, "test_forward_is_the_l1_loss_at_the_steps_it_draws")
+    rests_on(request, test_forward_is_the_l1_loss_at_the_steps_it_draws)
     x_0 = images(40 * T, seed=7)
     drawn = run(probe_forward, x_0=x_0, noise=torch.zeros_like(x_0), seed=seeded(0))["drawn"]
     counts = torch.bincount(drawn, minlength=T)
@@ -306,7 +315,7 @@ def test_forward_draws_t_uniformly_from_0_to_T_minus_1(run, request):
 
 
 def test_noise_like_draws_standard_normal_noise_of_the_given_shape(run, request):
-    rests_on(request, SAMPLE)
+    rests_on(request, test_sample_runs_algorithm_2_from_x_T_drawn_by_noise_like)
     noise = run(probe_noise_like, shape=(100, CHANNELS, 16, 16), seed=seeded(0))
     assert tuple(noise.shape) == (100, CHANNELS, 16, 16) and noise.dtype == torch.float32
     assert abs(noise.mean().item()) < 0.02 and abs(noise.std().item() - 1) < 0.02
@@ -344,7 +353,7 @@ def test_p_sample_adds_sigma_t_times_the_noise_at_every_t_above_0(run):
 @weight(2)
 def test_p_sample_adds_no_noise_at_t_0(run, request):
     """Algorithm 2 line 3: z = 0 at the last step; the output is the posterior mean itself."""
-    rests_on(request, POSTERIOR_MEAN)
+    rests_on(request, test_p_sample_mean_is_the_posterior_mean_of_eq_7_at_every_t)
     x = images(BATCH, seed=11)
     answer = run(probe_p_sample, x=the_same_x_at([0], x), ts=[0], cases=[("known", "ones"), ("known", "zeros")])
     shift = answer["results"][0] - answer["results"][1]
@@ -357,7 +366,7 @@ def test_p_sample_clamps_the_predicted_x0_to_minus_one_to_one(run, request):
     """Algorithm 2 line 6. With x_t = +-1 and eps = 0, eq. (8) gives |x0_hat| >= 1, and a
     prediction pushing x0_hat further out must not change the step; at t = 0, where eq. (7)'s
     mean is x0_hat itself, the step returns +-1."""
-    rests_on(request, POSTERIOR_MEAN)
+    rests_on(request, test_p_sample_mean_is_the_posterior_mean_of_eq_7_at_every_t)
     x = torch.where(images(BATCH, seed=12) >= 0, 1.0, -1.0)
     answer = run(probe_p_sample, x=the_same_x_at(range(T), x), ts=list(range(T)),
                  cases=[("beyond", "zeros"), (("linear", 0.0, 0.0), "zeros")])
@@ -370,7 +379,7 @@ def test_p_sample_clamps_the_predicted_x0_to_minus_one_to_one(run, request):
 
 def test_p_sample_loop_takes_every_step_from_T_minus_1_down_to_0(run, request):
     """Algorithm 2 line 2: for t = T..1 (T-1..0 in code), one network call per step."""
-    rests_on(request, ALGORITHM_2)
+    rests_on(request, test_p_sample_loop_follows_algorithm_2_and_returns_x0_in_zero_to_one)
     answer = run(probe_p_sample_loop, x_T=images(BATCH, seed=13), predict="known", noise="zeros")
     asked = [t.tolist() for t in answer["steps"]]
     assert asked == [[t] * BATCH for t in reversed(range(T))], (
@@ -382,7 +391,7 @@ def test_p_sample_loop_follows_algorithm_2_and_returns_x0_in_zero_to_one(run):
     """Algorithm 2 with seeded noise: every state x_t the network sees, then (x_0 + 1) / 2."""
     x_T = images(BATCH, seed=15)
     answer = run(probe_p_sample_loop, x_T=x_T, predict="known", noise=seeded(14))
-    states, expected = HANDOUT.reverse_process(x_T, known_noise_prediction, seeded_draws(seeded(14)))
+    states, expected = HANDOUT.reverse_process(x_T, known_noise_prediction, noise_drawn(14))
     assert_rows_close("Algorithm 2, the state x_t", torch.stack(answer["states"]), states,
                       at_each_t(reversed(range(T))), atol=ATOL_REVERSE, draws=answer["places"])
     assert_rows_close("p_sample_loop's (x_0 + 1) / 2", answer["result"].unsqueeze(0), expected.unsqueeze(0),
@@ -396,7 +405,7 @@ def assert_in_zero_to_one(method, result):
 
 def test_p_sample_loop_returns_images_in_zero_to_one_shaped_like_its_input(run, request):
     """Images are in [-1, 1] inside the model and in [0, 1] outside, whatever the network says."""
-    rests_on(request, ALGORITHM_2)
+    rests_on(request, test_p_sample_loop_follows_algorithm_2_and_returns_x0_in_zero_to_one)
     x_T = 3 * images(BATCH, seed=17)
     result = run(probe_p_sample_loop, x_T=x_T, predict=("linear", 4.0, -3.0), noise=seeded(16))["result"]
     assert result.shape == x_T.shape
@@ -405,7 +414,7 @@ def test_p_sample_loop_returns_images_in_zero_to_one_shaped_like_its_input(run, 
 
 def test_sample_returns_batch_size_images_of_its_channels_and_size_in_zero_to_one(run, request):
     """Algorithm 2 on batch_size x channels x image_size x image_size noise, returned in [0, 1]."""
-    rests_on(request, SAMPLE)
+    rests_on(request, test_sample_runs_algorithm_2_from_x_T_drawn_by_noise_like)
     result = run(probe_sample, batch_size=3, settings={"channels": 2, "image_size": 5}, noise=None,
                  seed=seeded(0))["result"]
     assert tuple(result.shape) == (3, 2, 5, 5)
@@ -416,7 +425,7 @@ def test_sample_returns_batch_size_images_of_its_channels_and_size_in_zero_to_on
 def test_sample_runs_algorithm_2_from_x_T_drawn_by_noise_like(run):
     """Algorithm 2 line 1: x_T ~ N(0, I) is noise_like's first draw."""
     answer = run(probe_sample, batch_size=BATCH, settings={}, noise=seeded(18), seed=seeded(0))
-    draw = seeded_draws(seeded(18))
+    draw = noise_drawn(18)
     _, expected = HANDOUT.reverse_process(draw((BATCH, CHANNELS, SIZE, SIZE)),
                                           known_noise_prediction, draw)
     assert_rows_close("sample's (x_0 + 1) / 2", answer["result"].unsqueeze(0), expected.unsqueeze(0),
@@ -438,7 +447,7 @@ def test_runs_on_each_device_the_trainer_picks(run, request, method, device_type
     simulated on the meta device: the file is imported afresh and the Diffusion built (so code
     behind torch.cuda.is_available() runs too), moved as the trainer moves it to the device it
     picks by default, and ``method`` called on inputs there, with CUDA's rule held for every op."""
-    rests_on(request, *CHECKED_ON_THE_CPU[method])
+    rests_on(request, *checked_on_the_cpu(method))
     name = {"cuda": "CUDA", "mps": "an Apple GPU (MPS)"}[device_type]
     answer = run(probe_on_the_trainers_device, method=method, device_type=device_type)
     if "beyond" in answer:
@@ -461,7 +470,7 @@ def test_takes_its_device_from_its_input(run, request, method):
     (torch.cuda.is_available(), a device picked at import) makes tensors on the default device.
     Such a file still runs wherever the trainer puts it by default, so this is a warning
     (PortabilityWarning) naming the line and the fix, never a failure."""
-    rests_on(request, *CHECKED_ON_THE_CPU[method])
+    rests_on(request, *checked_on_the_cpu(method))
     answer = run(probe_on_another_device, method=method)
     if "stopped" in answer:
         pytest.skip(f"{NOT_RUN}: {answer['step']} stops on the meta device ({answer['stopped']}), "

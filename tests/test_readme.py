@@ -5,6 +5,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+TEST_OPTIONS = "-n auto --dist loadscope"  # one worker per core, each module's tests on one worker
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 
@@ -13,12 +14,12 @@ def test_readme_is_a_five_minute_read_with_both_commands_first():
     assert len(lines) <= 120
     first = "\n".join(lines[:40])
     assert "pip install -r requirements.txt && python A3_PartB/main.py --demo" in first
-    assert "pip install -r requirements.txt && python -m pytest" in first
+    assert f"pip install -r requirements.txt && python -m pytest {TEST_OPTIONS}" in first
 
 
 def test_ci_runs_the_readmes_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "pip install -q -r requirements.txt" in ci and "python -m pytest -q" in ci
+    assert "pip install -q -r requirements.txt" in ci and f"python -m pytest -q {TEST_OPTIONS}\n" in ci
 
 
 def test_every_relative_link_of_the_readme_and_docs_leads_to_a_file():
