@@ -64,12 +64,12 @@ def results_json(results, points=POINTS, checks=None, without_isolation=False):
     tests = []
     for result in results:
         weights = checks[result.part] if checks else expected_checks(result.part)
-        tests += [test(line) for line in scored_part(result, points[result.part], weights)]
+        tests += [gradescope_test(line) for line in scored_part(result, points[result.part], weights)]
     graded = {"score": round(sum(item["score"] for item in tests), 2), "tests": tests}
     return {**graded, "output": WITHOUT_ISOLATION} if without_isolation else graded
 
 
-def test(line):
+def gradescope_test(line):
     """One test of results.json, always visible to the student."""
     return {"name": line.name, "score": line.score, "max_score": line.max_score,
             "status": "passed" if line.score >= line.max_score else "failed", "output": line.output,

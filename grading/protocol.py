@@ -222,8 +222,8 @@ def run_phase(phase_name, contract, exchange, seed, records, log, limits):
     """A phase's process: its output written to ``log``, the limits set, then phase.py of the
     grader's own folder imported from there (writing no bytecode into it) and run."""
     with open(log, "wb") as output:
-        os.dup2(output.fileno(), sys.stdout.fileno())
-        os.dup2(output.fileno(), sys.stderr.fileno())
+        for stream in (1, 2):  # stdout and stderr
+            os.dup2(output.fileno(), stream)
     if can_set_limits():
         limit_child(limits)
     sys.dont_write_bytecode = True

@@ -46,10 +46,18 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(items):
     """Mark ``slow`` every test that uses one of SLOW_FIXTURES; single slow tests and whole slow
-    modules carry the mark themselves. ``python -m pytest -m "not slow"`` is the fast tier."""
+    modules carry the mark themselves. ``python -m pytest -m "not slow"`` is the fast tier.
+    Then the modules holding slow tests go first, each in its own order, so that the workers of
+    ``-n auto --dist loadscope`` start on the long modules and end together."""
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    slow_modules = {module_of(item) for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: module_of(item) not in slow_modules)  # stable: each module's order kept
+
+
+def module_of(item):
+    return item.nodeid.split("::")[0]
 
 
 def pytest_unconfigure(config):
