@@ -111,6 +111,23 @@ class SinusoidalPosEmb(nn.Module):
         return torch.cat((angles.sin(), angles.cos()), dim=-1)
 
 
+def group_norm(norm, x):
+    """``norm(x)``, a GroupNorm, in ``x``'s memory layout, through a channels-first copy where
+    PyTorch's channels-last kernel is the slower on a CPU (2-core Zen 4, bf16 and fp32):
+
+    * its backward pass: 1.8x slower in bf16 at 32x32, for one copy's time in fp32;
+    * its forward pass below 1,024 pixels with fewer than 8 channels a group (the U-Net's two
+      first widths at 16x16), where it vectorises over each group's channels alone: 2.5-9x
+      slower than the two copies and the channels-first kernel together. Elsewhere, in
+      sampling, the copies cost more than they save.
+    """
+    height, width = x.shape[-2:]
+    few_channels_a_group = norm.num_channels < 8 * norm.num_groups
+    if x.is_contiguous() or not (x.requires_grad or height * width < 1024 and few_channels_a_group):
+        return norm(x)
+    return norm(x.contiguous()).contiguous(memory_format=torch.channels_last)
+
+
 class Block(nn.Module):
     """Weight-standardised 3x3 conv, GroupNorm, the time step's ``(scale, shift)`` if given, SiLU."""
 
@@ -121,7 +138,7 @@ class Block(nn.Module):
         self.act = nn.SiLU()
 
     def forward(self, x, scale_shift=None):
-        x = self.norm(self.proj(x))
+        x = group_norm(self.norm, self.proj(x))
         if scale_shift is not None:
             scale, shift = scale_shift
             x = torch.addcmul(shift, x, scale + 1)  # x * (scale + 1) + shift, in one pass
@@ -302,8 +319,13 @@ class Unet(nn.Module):
             check_halvings(side, levels=len(self.downs))
 
     def forward(self, x, time):
+        """On a CPU, in channels-last memory: oneDNN's convolutions are 10-35% faster there, and
+        the LayerNorms and LinearAttention read it as tokens without a copy; the noise comes
+        back channels-first. On a GPU, the starter's channels-first memory."""
         self._check_image_size(x)
         t = self.time_mlp(time)
+        if x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.init_conv(x)
         first_features = x
         skips = []
@@ -319,4 +341,4 @@ class Unet(nn.Module):
             x = attention(block2(torch.cat((x, skips.pop()), dim=1), t))
             x = upsample(x)
         x = self.final_res_block(torch.cat((x, first_features), dim=1), t)
-        return self.final_conv(x)
+        return self.final_conv(x).contiguous()

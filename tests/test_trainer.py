@@ -261,8 +261,9 @@ def test_cpu_samples_are_drawn_in_batches_of_the_cpu_sampling_batch(afhq, tmp_pa
         return sample(batch_size)
 
     monkeypatch.setattr(trainer.model, "sample", recording_sample)
-    count = trainer_module.CPU_SAMPLING_BATCH + 6
+    monkeypatch.setattr(trainer_module, "CPU_SAMPLING_BATCH", 8)
+    count = 8 + 6
     images = trainer.sample_images(count)
-    assert sizes == [trainer_module.CPU_SAMPLING_BATCH, 6]
+    assert sizes == [8, 6]
     assert images.shape == (count, 3, IMAGE_SIZE, IMAGE_SIZE) and images.dtype == torch.float32
     assert trainer.model.training

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unet import Unet
+from unet import Unet, group_norm
 
 FIXTURES = Path(__file__).parent / "fixtures"
 STARTER_SHAPES = json.loads((FIXTURES / "starter_unet_shapes.json").read_text())
@@ -90,6 +90,32 @@ def test_unet_maps_a_batch_of_32x32_images_and_steps_to_noise_of_the_same_shape(
     model = Unet(16)
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([0, 49])
     assert model(x, t).shape == (2, 3, 32, 32)
+
+
+def test_a_cpu_forward_runs_channels_last_and_returns_channels_first_noise():
+    torch.manual_seed(0)
+    model, seen = Unet(16).eval(), []
+    model.downs[1][0].block1.proj.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    with torch.no_grad():
+        noise = model(torch.randn(2, 3, 32, 32), torch.tensor([0, 49]))
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
+    assert noise.is_contiguous()  # a student's .view() of it works
+
+
+@pytest.mark.parametrize("side, channels, requires_grad", [
+    (16, 16, False),  # through a channels-first copy: few channels a group, few pixels
+    (32, 16, False),  # in place: 1,024 pixels
+    (8, 64, False),  # in place: 8 channels a group
+    (32, 16, True),  # through a copy: a backward pass follows
+])
+def test_group_norm_gives_the_group_norm_in_the_layout_it_was_given(side, channels, requires_grad):
+    norm = torch.nn.GroupNorm(8, channels)
+    x = torch.randn(4, channels, side, side).contiguous(memory_format=torch.channels_last)
+    normalised = group_norm(norm, x.requires_grad_(requires_grad))
+    assert normalised.is_contiguous(memory_format=torch.channels_last) and not normalised.is_contiguous()
+    torch.testing.assert_close(normalised, norm(x.contiguous()))
+    channels_first = torch.randn(4, channels, side, side)
+    assert group_norm(norm, channels_first).is_contiguous()
 
 
 def test_unet_output_depends_on_the_time_step(tiny_unet):
