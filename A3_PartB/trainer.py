@@ -277,7 +277,8 @@ class Trainer:
     def sample_images(self, count):
         """``count`` images of Algorithm 2 in [0, 1], float32, by the model's ``sample``: at once
         on a GPU, in batches of ``CPU_SAMPLING_BATCH`` on a CPU, where all 512 of an FID at once
-        are slower without native bf16. Leaves the model in train mode (the skeleton's ``sample`` does not)."""
+        are slower without native bf16. Leaves the model in train mode (the skeleton's
+        ``sample`` does not)."""
         batch = CPU_SAMPLING_BATCH if self.device.type == "cpu" else count
         starts = range(0, count, batch)  # a minute for FID's 512 on a 2-core CPU: shown
         with autocast(self.device, self.amp_dtype):
