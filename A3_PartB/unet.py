@@ -183,26 +183,65 @@ class LinearAttention(nn.Module):
         # is made but q and k, the two that are softmaxed. v = W_v x and to_out's 1x1 conv are
         # linear, so each head's  W_out context^T q  equals  q^T (k x^T W_v^T W_out^T): the
         # keys are summed against the input's few channels, then mapped by a weight-only
-        # (channels x channels) matrix per head. The output of all heads is then one matmul of
-        # q, heads side by side, with their stacked contexts (the sum over heads included).
+        # (channels x channels) matrix per head. The output of all heads is then q, heads side
+        # by side, times their stacked contexts (the sum over heads included).
         batch, channels, height, width = x.shape
         pixels = height * width
         projection, norm = self.to_out
-        # Each of q and k comes out of one plain matmul in the layout its softmax reads: given
-        # a transposed operand, matmul would copy its (pixels x heads * dim_head) result and
-        # that result's gradient (a fifth of this module's time at 32x32 in fp32).
         features = x.reshape(batch, channels, pixels)
         tokens = features.mT.contiguous()  # (batch, pixels, channels): a small copy, if any
-        w_q, w_k, w_v = self.to_qkv.weight.view(3, -1, channels).unbind(0)
-        q = (tokens @ w_q.mT).unflatten(-1, (self.heads, -1)).softmax(dim=-1)  # over features
-        k = torch.bmm(w_k.expand(batch, -1, -1), features).softmax(dim=-1)  # over pixels
-        keys_by_channel = (k @ tokens).unflatten(1, (self.heads, -1))  # (batch, heads, d, c)
+        w_q, w_k, w_v = self.to_qkv.weight.view(3, self.heads, -1, channels).unbind(0)
+        fused = fused_softmax_pays(x)
+        keys_by_channel = pooled_keys(tokens, features, w_k, fused)  # (batch, heads, d, c)
         w_out = projection.weight.view(channels, self.heads, -1).permute(1, 2, 0)  # (heads, d, c)
-        value_to_out = w_v.view(self.heads, -1, channels).mT @ w_out  # (heads, c, c)
+        value_to_out = w_v.mT @ w_out  # (heads, c, c)
         # q * dim_head^-0.5 and v / pixels, applied to the small contexts instead of q and v
-        contexts = (keys_by_channel @ value_to_out).flatten(1, 2) * (self.scale / pixels)
-        out = torch.baddbmm(projection.bias, q.flatten(2), contexts)  # (batch, pixels, channels)
+        # (a matmul would broadcast value_to_out to every image of the batch, by a copy)
+        contexts = torch.einsum("bhdc,hce->bhde", keys_by_channel, value_to_out)
+        contexts = contexts * (self.scale / pixels)
+        out = queried_contexts(tokens, w_q, contexts, projection.bias, fused)  # (b, pixels, c)
         return norm(out.mT.reshape(batch, channels, height, width))  # a view: no copy
+
+
+def fused_softmax_pays(x):
+    """Whether LinearAttention softmaxes inside ``F.scaled_dot_product_attention``'s fused
+    kernel, which never writes q or k to memory: on the CPU in float32 (as without native
+    bf16), where the U-Net's forward takes 13% less time (docs/speed.md). Under bf16 autocast
+    the kernel is slower than the plain matmuls and softmaxes, and on a GPU unmeasured."""
+    on_cpu = x.device.type == "cpu"
+    return on_cpu and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+
+
+def pooled_keys(tokens, features, w_k, fused):
+    """Each head's keys, softmaxed over the pixels, summed against the input's channels:
+    softmax(W_k x) x^T, (batch, heads, dim_head, channels). ``tokens`` (batch, pixels, channels)
+    and ``features`` (batch, channels, pixels) hold the same x; ``w_k`` is (heads, dim_head,
+    channels)."""
+    batch, _, channels = tokens.shape
+    rows = w_k.reshape(-1, channels)  # (heads * dim_head, channels)
+    if fused:  # the keys' rows as queries, the pixels as keys and as values
+        tokens = tokens[:, None]
+        pooled = F.scaled_dot_product_attention(rows.expand(batch, 1, -1, -1), tokens, tokens,
+                                                scale=1.0)
+    else:  # k out of one matmul in the layout its softmax reads: a transposed one is copied
+        pooled = torch.bmm(rows.expand(batch, -1, -1), features).softmax(dim=-1) @ tokens
+    return pooled.view(batch, *w_k.shape)
+
+
+def queried_contexts(tokens, w_q, contexts, bias, fused):
+    """sum over heads of softmax(q) contexts + ``bias``, (batch, pixels, channels), with
+    q = W_q x softmaxed over each head's features. ``tokens`` is x as (batch, pixels,
+    channels), ``w_q`` (heads, dim_head, channels), ``contexts`` (batch, heads, dim_head,
+    channels)."""
+    batch, heads = contexts.shape[:2]
+    if fused:  # each head's feature rows as keys, its contexts as values
+        per_head = F.scaled_dot_product_attention(
+            tokens[:, None].expand(-1, heads, -1, -1), w_q.expand(batch, -1, -1, -1), contexts,
+            scale=1.0)
+        return per_head.sum(1) + bias
+    # q out of one plain matmul, heads side by side, in the layout its softmax reads
+    q = (tokens @ w_q.flatten(0, 1).mT).unflatten(-1, (heads, -1)).softmax(dim=-1)
+    return torch.baddbmm(bias, q.flatten(2), contexts.flatten(1, 2))
 
 
 class Attention(nn.Module):

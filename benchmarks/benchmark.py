@@ -49,7 +49,6 @@ import torch
 import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader
-from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "A3_PartB"))
@@ -62,6 +61,7 @@ import images as images_module  # noqa: E402
 import trainer as trainer_module  # noqa: E402
 import utils  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
+from flops import gflop  # noqa: E402
 from main import SYNTHETIC_COLOURS, synthetic_image  # noqa: E402
 from real_cats import cats_train_folder, describe  # noqa: E402
 from settings import SETTINGS  # noqa: E402
@@ -206,9 +206,7 @@ def step_gflop():
     """GFLOP of one training step of the handout's model: forward and backward of a batch of
     64 (two accumulated batches of 32), by torch's FLOP counter."""
     diffusion, x_0 = handout_model_and_batch(torch.device("cpu"))
-    with FlopCounterMode(display=False) as counter:
-        diffusion(x_0, torch.randn_like(x_0)).backward()
-    return counter.get_total_flops() / 1e9
+    return gflop(lambda: diffusion(x_0, torch.randn_like(x_0)).backward())
 
 
 def plain_fp32_step_seconds(device, steps=5):

@@ -16,9 +16,9 @@ import torch
 import torchvision
 from cleanfid import fid as clean_fid
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
 
 import fid_score
+from flops import gflop
 
 SAMPLES = 512
 
@@ -65,13 +65,6 @@ def fid_network(device):
         return (inception_sized_standin(device),
                 "an Inception-v3 of random weights (clean-fid's could not be downloaded; "
                 "pip install -r benchmarks/requirements.txt)")
-
-
-def gflop(function, *args):
-    """GFLOP of ``function(*args)`` by torch's FLOP counter."""
-    with FlopCounterMode(display=False) as counter:
-        function(*args)
-    return counter.get_total_flops() / 1e9
 
 
 def clean_fid_of_png_files(samples, reference_statistics, extractor, device, folder):

@@ -55,6 +55,24 @@ def test_a_training_step_of_the_handouts_model_is_counted_at_its_flops():
     assert 45 < gflop < 70
 
 
+@pytest.mark.parametrize("side", [8, 16])
+def test_the_linear_attentions_flops_are_counted_whichever_kernel_softmaxes(monkeypatch, side):
+    load_benchmark()  # puts benchmarks/ and A3_PartB/ on the path
+    import flops
+    import unet
+    torch.manual_seed(0)
+    attention = unet.LinearAttention(16)
+    x = torch.randn(2, 16, side, side).contiguous(memory_format=torch.channels_last)
+    counts = {}
+    for fused in (True, False):
+        monkeypatch.setattr(unet, "fused_softmax_pays", lambda x: fused)
+        counts[fused] = flops.gflop(lambda: attention(x.requires_grad_()).sum().backward())
+    pixels, hidden = side * side, 128
+    matmuls_forward = 2 * 2 * 2 * pixels * hidden * 16  # q and k from x; softmax(k) x^T; q out
+    assert counts[False] > 3 * matmuls_forward / 1e9  # the backward twice the forward at least
+    assert counts[True] == counts[False]
+
+
 def test_each_peer_figure_comes_from_a_fresh_process():
     benchmark = load_benchmark()
     assert benchmark.in_fresh_process(os.getpid) != os.getpid()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import unet
 from unet import Unet, group_norm
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -116,6 +117,33 @@ def test_group_norm_gives_the_group_norm_in_the_layout_it_was_given(side, channe
     torch.testing.assert_close(normalised, norm(x.contiguous()))
     channels_first = torch.randn(4, channels, side, side)
     assert group_norm(norm, channels_first).is_contiguous()
+
+
+def linear_attention_as_specified(attention, x):
+    """LinearAttention as the starter writes it: q softmaxed over each head's features, k over
+    the pixels, q * dim_head^-0.5, v / pixels, context = k v^T, out = context^T q, to_out."""
+    batch, channels, height, width = x.shape
+    heads = attention.heads
+    q, k, v = (part.reshape(batch, heads, -1, height * width)
+               for part in attention.to_qkv(x).chunk(3, dim=1))
+    q, k = q.softmax(dim=-2) * attention.scale, k.softmax(dim=-1)
+    context = torch.einsum("bhdn,bhen->bhde", k, v / (height * width))
+    out = torch.einsum("bhde,bhdn->bhen", context, q)
+    return attention.to_out(out.reshape(batch, -1, height, width))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused softmax", "matmuls"])
+def test_linear_attention_is_the_starters_arithmetic_either_way_it_softmaxes(fused, monkeypatch):
+    torch.manual_seed(0)
+    attention = unet.LinearAttention(16)
+    x = torch.randn(3, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    expected = linear_attention_as_specified(attention, x)
+    expected_grads = torch.autograd.grad(expected.square().sum(), (x, attention.to_qkv.weight))
+    monkeypatch.setattr(unet, "fused_softmax_pays", lambda x: fused)
+    output = attention(x)
+    torch.testing.assert_close(output, expected)
+    grads = torch.autograd.grad(output.square().sum(), (x, attention.to_qkv.weight))
+    torch.testing.assert_close(grads, expected_grads)
 
 
 def test_unet_output_depends_on_the_time_step(tiny_unet):
