@@ -219,7 +219,7 @@ def pooled_keys(tokens, features, w_k, fused):
     channels)."""
     batch, _, channels = tokens.shape
     rows = w_k.reshape(-1, channels)  # (heads * dim_head, channels)
-    if fused:  # the keys' rows as queries, the pixels as keys and as values
+    if fused:  # W_k's rows as the queries, the pixels as the keys and as the values
         tokens = tokens[:, None]
         pooled = F.scaled_dot_product_attention(rows.expand(batch, 1, -1, -1), tokens, tokens,
                                                 scale=1.0)
@@ -234,7 +234,7 @@ def queried_contexts(tokens, w_q, contexts, bias, fused):
     channels), ``w_q`` (heads, dim_head, channels), ``contexts`` (batch, heads, dim_head,
     channels)."""
     batch, heads = contexts.shape[:2]
-    if fused:  # each head's feature rows as keys, its contexts as values
+    if fused:  # x as the queries, each head's rows of W_q as its keys, its contexts as values
         per_head = F.scaled_dot_product_attention(
             tokens[:, None].expand(-1, heads, -1, -1), w_q.expand(batch, -1, -1, -1), contexts,
             scale=1.0)
