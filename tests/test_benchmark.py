@@ -67,9 +67,10 @@ def test_the_linear_attentions_flops_are_counted_whichever_kernel_softmaxes(monk
     for fused in (True, False):
         monkeypatch.setattr(unet, "fused_softmax_pays", lambda x: fused)
         counts[fused] = flops.gflop(lambda: attention(x.requires_grad_()).sum().backward())
-    pixels, hidden = side * side, 128
-    matmuls_forward = 2 * 2 * 2 * pixels * hidden * 16  # q and k from x; softmax(k) x^T; q out
-    assert counts[False] > 3 * matmuls_forward / 1e9  # the backward twice the forward at least
+    # four (pixels x 16 x 128) products of each of the 2 images: q and k from x, softmax(k)
+    # against x, q against the contexts; the backward twice the forward
+    forward_gflop = 4 * 2 * 2 * (side * side) * 16 * 128 / 1e9
+    assert counts[False] >= 3 * forward_gflop
     assert counts[True] == counts[False]
 
 
