@@ -116,6 +116,37 @@ def test_fid_from_memory_equals_clean_fids_own_from_png_files(tmp_path):
     assert scorer.score(samples) == pytest.approx(expected, rel=1e-3)
 
 
+class BranchesThenPooling(torch.nn.Module):
+    """clean-fid's Inception in small: each branch made contiguous before the concatenation,
+    then a 3x3 average pooling; records whether the pooling read channels-last memory."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.branches = torch.nn.ModuleList(torch.nn.Conv2d(3, 4, 3, padding=1) for _ in range(2))
+        self.pooled_channels_last = []
+
+    def forward(self, images):
+        x = torch.cat([branch(images / 255).contiguous() for branch in self.branches], dim=1)
+        self.pooled_channels_last.append(x.is_contiguous(memory_format=torch.channels_last))
+        pooled = torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+        return pooled[:, :, ::50, ::50].flatten(1)
+
+
+def test_the_inception_runs_channels_last_throughout_on_the_cpu_with_the_same_features(tmp_path):
+    images = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(6))
+    extractor = BranchesThenPooling()
+    scorer = fid_score.FidScorer(images, tmp_path / "reference.npz", torch.device("cpu"),
+                                 extractor)
+    features = scorer.features(images, "features")
+    with torch.no_grad():  # outside the scorer: channels-first after the concatenation
+        expected = torch.cat([extractor(fid_score.clean_resized(batch))
+                              for batch in images.split(fid_score.FID_BATCH)]).numpy()
+    assert extractor.pooled_channels_last == [True, True, False, False]
+    np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_the_resize_is_clean_fids_own_on_the_same_image():
     image = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(4))
