@@ -39,22 +39,36 @@ def clean_resized(images):
     return torch.from_numpy(resized).permute(0, 3, 1, 2)  # (N, H, W, 3) seen as (N, 3, H, W)
 
 
+VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+
+
+def channels_last_only(tensor):
+    """Whether ``tensor`` is a feature map in channels-last memory that is not also contiguous."""
+    return (tensor.dim() == 4 and not tensor.is_contiguous()
+            and tensor.is_contiguous(memory_format=torch.channels_last))
+
+
 class ChannelsLastKept(TorchDispatchMode):
     """Within it, ``x.contiguous()`` of a channels-last feature map copies it in channels-last.
 
     clean-fid's Inception (a TorchScript file) makes each branch of its first mixed block
     contiguous before concatenating them, so every later layer runs channels-first, where the
-    CPU's pooling is 10x slower than channels-last (3x3 average pooling of 32 x 192 x 35 x 35:
-    45 ms against 3.9). The same operations on the same values in the other memory layout: the
-    features differ by round-off (6e-7 of their largest), and an Inception forward takes 1.14x
-    less time (Zen 4), 1.16-1.27x under the AVX2 caps.
+    CPU's convolutions reorder their data at each call and its pooling is 10x slower. The same
+    operations on the same values in the other memory layout: the features differ by round-off
+    (6e-7 of their largest), and an Inception forward takes 1.14x less time (Zen 4), 1.16-1.27x
+    under the AVX2 caps. A view that channels-last strides cannot give (``reshape``,
+    ``.contiguous().view()``) is taken of the channels-first copy that the mode put off.
     """
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if (func is torch.ops.aten.clone.default
-                and kwargs.get("memory_format") == torch.contiguous_format
-                and args[0].dim() == 4 and args[0].is_contiguous(memory_format=torch.channels_last)):
+        if func in VIEWS and channels_last_only(args[0]):
+            try:
+                return func(*args, **kwargs)
+            except RuntimeError:  # no view of these strides has that shape
+                return func(args[0].contiguous(), *args[1:], **kwargs)
+        if (func is torch.ops.aten.clone.default and channels_last_only(args[0])
+                and kwargs.get("memory_format") == torch.contiguous_format):
             kwargs = {**kwargs, "memory_format": torch.preserve_format}
         return func(*args, **kwargs)
 
