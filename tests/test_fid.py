@@ -130,7 +130,7 @@ class BranchesThenPooling(torch.nn.Module):
         x = torch.cat([branch(images / 255).contiguous() for branch in self.branches], dim=1)
         self.pooled_channels_last.append(x.is_contiguous(memory_format=torch.channels_last))
         pooled = torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
-        small = torch.nn.functional.adaptive_avg_pool2d(pooled, 4)  # views it as channels-first:
+        small = torch.nn.functional.adaptive_avg_pool2d(pooled, 4)  # then viewed as code may view it
         return torch.cat([small.contiguous().view(len(small), -1), small.flatten(1)], dim=1)
 
 
