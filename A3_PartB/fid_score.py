@@ -49,7 +49,7 @@ def channels_last_only(tensor):
 
 
 class ChannelsLastKept(TorchDispatchMode):
-    """Within it, ``x.contiguous()`` of a channels-last feature map copies it in channels-last.
+    """Within it, ``x.contiguous()`` of a channels-last feature map keeps it channels-last.
 
     clean-fid's Inception (a TorchScript file) makes each branch of its first mixed block
     contiguous before concatenating them, so every later layer runs channels-first, where the
@@ -70,6 +70,8 @@ class ChannelsLastKept(TorchDispatchMode):
         if (func is torch.ops.aten.clone.default and channels_last_only(args[0])
                 and kwargs.get("memory_format") == torch.contiguous_format):
             kwargs = {**kwargs, "memory_format": torch.preserve_format}
+        if func is torch.ops.aten.contiguous.default and channels_last_only(args[0]):
+            return args[0]  # under inference mode, contiguous() comes whole, not as a clone
         return func(*args, **kwargs)
 
 

@@ -134,13 +134,16 @@ class BranchesThenPooling(torch.nn.Module):
         return torch.cat([small.contiguous().view(len(small), -1), small.flatten(1)], dim=1)
 
 
-def test_the_inception_runs_channels_last_throughout_on_the_cpu_with_the_same_features(tmp_path):
+@pytest.mark.parametrize("caller_grad_mode", [torch.enable_grad, torch.inference_mode])
+def test_the_inception_runs_channels_last_throughout_on_the_cpu_with_the_same_features(
+        tmp_path, caller_grad_mode):
     images = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(6))
     extractor = BranchesThenPooling()
     scorer = fid_score.FidScorer(images, tmp_path / "reference.npz", torch.device("cpu"),
                                  extractor)
-    features = scorer.features(images, "features")
+    with caller_grad_mode():  # in inference mode, contiguous() reaches the mode whole
+        features = scorer.features(images, "features")
     with torch.no_grad():  # outside the scorer: channels-first after the concatenation
         expected = torch.cat([extractor(fid_score.clean_resized(batch))
                               for batch in images.split(fid_score.FID_BATCH)]).numpy()
